@@ -1,0 +1,36 @@
+"""m1jax: MiniMax-M1 in pure JAX (Flax NNX) — exact model, Pallas lightning kernels, generation, conversion, CISPO.
+
+Public names are imported lazily, so `import m1jax.tokenizer` does not pull in the model.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ModelConfig": "m1jax.config",
+    "ConfigError": "m1jax.config",
+    "list_presets": "m1jax.config",
+    "MiniMaxM1": "m1jax.model",
+    "ModelOutput": "m1jax.model",
+    "Cache": "m1jax.cache",
+    "init_cache": "m1jax.cache",
+    "cache_memory": "m1jax.cache",
+    "from_pretrained": "m1jax.loading",
+    "make_mesh": "m1jax.sharding",
+    "Tokenizer": "m1jax.tokenizer",
+    "apply_chat_template": "m1jax.chat",
+    "parse_output": "m1jax.chat",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'm1jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

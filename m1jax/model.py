@@ -1,0 +1,107 @@
+"""`MiniMaxM1`: the MiniMax-M1 / MiniMax-Text-01 causal LM in Flax NNX (remote-code semantics).
+
+    h = Embed(tokens);  h = DecoderLayer_l(h) for l = 0..L−1;  logits = RMSNorm(h) · W_lm   (head in fp32)
+
+Parameter names follow the original checkpoint (`embed_tokens`, `layers[l].self_attn.qkv_proj`,
+`layers[l].block_sparse_moe.w1`, `norm`, `lm_head`, ...) with JAX layouts (`[in, out]`, heads split out).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from m1jax.cache import Cache
+from m1jax.config import LIGHTNING, ModelConfig
+from m1jax.modules.decoder import DecoderLayer
+from m1jax.modules.norm import rms_norm
+from m1jax.modules.rope import rope_tables
+from m1jax.sharding import constrain
+from m1jax.weights import DTYPE, param
+
+
+@struct.dataclass
+class ModelOutput:
+    """logits `[B, L, V]` fp32 (or `[B, 1, V]` with `logits="last"`, None with `logits="none"`); `hidden` the
+    final-normed hidden states; `cache` the updated cache (if one was given); `lightning_states` the final
+    state of each lightning layer (in layer order); `routing` per-layer routing statistics (if requested)."""
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    cache: Cache | None = None
+    lightning_states: tuple = ()
+    routing: tuple | None = None
+
+
+class MiniMaxM1(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        v, d = config.vocab_size, config.hidden_size
+        std = config.initializer_range
+        self.embed_tokens = param(rngs, (v, d), ("vocab", "embed"), config.param_dtype, std=std)
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
+        self.norm = param(rngs, (d,), ("embed",), config.param_dtype, init="ones")
+        self.lm_head = param(rngs, (d, v), ("embed", "vocab"), config.param_dtype, std=std)
+
+    def __call__(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
+                 valid_BxL: jax.Array | None = None, cache: Cache | None = None, logits: str = "all",
+                 return_routing: bool = False, moe_impl: str | None = None) -> ModelOutput:
+        """Forward pass over int32 token ids `[B, L]`.
+
+        positions_BxL: RoPE positions (default: 0..L−1, or continuing the cache).
+        valid_BxL: False marks padding (never attended to, never added to a lightning state).
+        cache: if given, the tokens are appended at slots `cache.length ...` and the updated cache returned.
+        logits: "all" | "last" (only position L−1) | "none".
+        """
+        c = self.config
+        if tokens_BxL.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens_BxL.shape}")
+        if not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens_BxL.dtype}")
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        b, l = tokens_BxL.shape
+        dt = DTYPE[c.dtype]
+        if valid_BxL is None:
+            valid_BxL = jnp.ones((b, l), bool)
+        ctx: dict[str, Any] = {"valid_BxL": valid_BxL, "moe_impl": moe_impl}
+        if cache is not None:
+            if cache.batch_size != b:
+                raise ValueError(f"cache holds {cache.batch_size} sequences, tokens have batch {b}")
+            start = cache.length
+            ctx["cache_start"] = start
+            ctx["cache_valid_BxS"] = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxL, start, axis=1)
+            default_pos = start + jnp.arange(l)
+        else:
+            default_pos = jnp.arange(l)
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(default_pos, (b, l))
+        ctx["cos"], ctx["sin"] = rope_tables(positions_BxL, c.rope_dim, c.rope_theta)
+
+        h = constrain(self.embed_tokens[...][tokens_BxL].astype(dt), ("batch", None, None))
+        new_layers, states, routing = [], [], []
+        for i, layer in enumerate(self.layers):
+            h, layer_cache, stats = layer(h, ctx=ctx, layer_cache=None if cache is None else cache.layers[i])
+            h = constrain(h, ("batch", None, None))
+            new_layers.append(layer_cache)
+            if c.layer_types[i] == LIGHTNING:
+                states.append(layer_cache)
+            routing.append(stats)
+        h = rms_norm(h, self.norm[...], c.rms_norm_eps)
+        out_logits = None
+        if logits != "none":
+            hl = h[:, -1:] if logits == "last" else h
+            out_logits = self.lm_head_logits(hl)
+        new_cache = None
+        if cache is not None:
+            new_cache = Cache(layers=tuple(new_layers), valid_BxS=ctx["cache_valid_BxS"], length=cache.length + l)
+        return ModelOutput(logits=out_logits, hidden=h, cache=new_cache, lightning_states=tuple(states),
+                           routing=tuple(routing) if return_routing else None)
+
+    def lm_head_logits(self, h_BxLxD: jax.Array) -> jax.Array:
+        """fp32 LM head: logits = h·W_lm with both operands in fp32 (tech report §3.2)."""
+        return jnp.einsum("bld,dv->blv", h_BxLxD.astype(jnp.float32), self.lm_head[...].astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)

@@ -1,0 +1,86 @@
+"""The lightning-attention token mixer of MiniMax-M1 (spec §3), reaching the kernels through one interface.
+
+    q, k, v = silu(x W_qkv) split per head (per-head interleaved [q | k | v] layout of `qkv_proj`)
+    o       = LightningAttention(q, k, v; λ_h = exp(−s_h)),   s_h = alibi_h · (1 − l/(L−1) + 1e-5)
+    y       = (RMSNorm_{H·D}(o) ⊙ sigmoid(x W_gate)) W_out
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1jax.config import ModelConfig
+from m1jax.modules.norm import rms_norm
+from m1jax.weights import DTYPE, param
+from pallas_kernels import lightning_attention, lightning_decode
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi base slopes: 2^(−8(i+1)/n) for a power-of-two n, else the interleave rule (RC `_build_slope_tensor`)."""
+
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return pow2(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return pow2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+def layer_slopes(num_heads: int, layer_idx: int, num_layers: int) -> np.ndarray:
+    """Per-head decay rates s of global layer l: fp32(alibi) · (1 − l/(L−1) + 1e-5), computed in fp32 like RC."""
+    factor = 1 - layer_idx / (num_layers - 1) + 1e-5 if num_layers > 1 else 1 + 1e-5
+    return np.asarray(alibi_slopes(num_heads), dtype=np.float32) * np.float32(factor)
+
+
+class LightningAttention(nnx.Module):
+    """Lightning attention layer: weights `qkv_proj`, `output_gate`, `out_proj`, `norm` (RC names)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        d, h, hd = config.hidden_size, config.num_attention_heads, config.head_dim
+        pdt, std = config.param_dtype, config.initializer_range
+        self.config = config
+        self.layer_idx = layer_idx
+        self.qkv_proj = param(rngs, (d, h, 3 * hd), ("embed", "heads", "qkv"), pdt, std=std)
+        self.output_gate = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std=std)
+        self.out_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std=std)
+        self.norm = param(rngs, (h, hd), ("heads", "head_dim"), pdt, init="ones")
+
+    @property
+    def slopes(self) -> np.ndarray:
+        c = self.config
+        return layer_slopes(c.num_attention_heads, self.layer_idx, c.num_hidden_layers)
+
+    def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None,
+                 state_BxHxDxD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Returns (y `[B, L, D_model]`, final state `[B, H, D, D]` fp32). Invalid (padding) tokens add nothing
+        to the state: their k and v are zeroed. `state_BxHxDxD` is the state before the first token."""
+        c = self.config
+        dt = DTYPE[c.dtype]
+        hd = c.head_dim
+        x_BxLxD = x_BxLxD.astype(dt)
+        qkv_BxLxHx3D = jax.nn.silu(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.qkv_proj[...].astype(dt)))
+        q, k, v = qkv_BxLxHx3D[..., :hd], qkv_BxLxHx3D[..., hd:2 * hd], qkv_BxLxHx3D[..., 2 * hd:]
+        if valid_BxL is not None:
+            keep = valid_BxL[:, :, None, None]
+            k = jnp.where(keep, k, 0).astype(dt)
+            v = jnp.where(keep, v, 0).astype(dt)
+        slope_H = jnp.asarray(self.slopes)
+        if x_BxLxD.shape[1] == 1 and state_BxHxDxD is not None:
+            o, state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slope_H, state_BxHxDxD, impl=c.lightning_impl)
+            o_BxLxHxD = o[:, None]
+        else:
+            o_BxLxHxD, state = lightning_attention(q, k, v, slope_H, state_BxHxDxD, block_size=c.block_size,
+                                                   impl=c.lightning_impl)
+        b, l, h, _ = o_BxLxHxD.shape
+        o_BxLxHD = rms_norm(o_BxLxHxD.astype(dt).reshape(b, l, h * hd), self.norm[...].reshape(h * hd),
+                            c.lightning_norm_eps)
+        gate_BxLxHxD = jax.nn.sigmoid(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.output_gate[...].astype(dt)))
+        y = jnp.einsum("blhk,hkd->bld", gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), self.out_proj[...].astype(dt))
+        return y, state

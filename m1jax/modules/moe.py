@@ -1,0 +1,166 @@
+"""The MoE feed-forward of MiniMax-M1 (spec §5): fp32 top-k router, SwiGLU experts, dropless dispatch.
+
+    p      = softmax(x W_gate)                (fp32; W_gate stored fp32)
+    w, e   = top_k(p);  w ← w / Σ w           (renormalised over the chosen k)
+    y      = Σ_k w_k · (silu(x W1[e_k]) ⊙ x W3[e_k]) W2[e_k]
+
+Expert computation (all exact and dropless; `moe_impl` picks one, "auto" by backend and size):
+* "dense"  — every expert on every token, combined by the routing weights (the reference);
+* "gather" — each (token, choice) pair multiplies its expert's gathered weights (tiny token counts: decode);
+* "ragged" — assignments sorted by expert + `jax.lax.ragged_dot` (GPU/TPU grouped GEMM kernels);
+* "tiled"  — assignments sorted by expert, processed in row tiles, each tile one expert's GEMM (CPU, where
+             `ragged_dot` lowers densely): FLOPs ≈ the true FLOPs plus at most one partial tile per expert.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1jax.config import ModelConfig
+from m1jax.weights import DTYPE, param
+
+TILE_ROWS = 128
+
+
+def route(x_TxD: jax.Array, gate_DxE: jax.Array, k: int):
+    """Router: (probs `[T, E]` fp32, weights `[T, k]` fp32 renormalised, expert ids `[T, k]` int32)."""
+    logits = jnp.einsum("td,de->te", x_TxD.astype(jnp.float32), gate_DxE.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_w, top_e = jax.lax.top_k(probs, k)
+    return probs, top_w / jnp.sum(top_w, axis=-1, keepdims=True), top_e.astype(jnp.int32)
+
+
+def _swiglu(x, w1, w3, w2):
+    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def experts_dense(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+    """Σ_e c[t, e]·FFN_e(x_t) over all experts, c = routing weights scattered to [T, E] (zeros elsewhere)."""
+    h = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, w1_ExDxF)) * jnp.einsum("td,edf->tef", x_TxD, w3_ExDxF)
+    out_TxExD = jnp.einsum("tef,efd->ted", h, w2_ExFxD)
+    combine_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, w1_ExDxF.shape[0], dtype=weights_TxK.dtype)
+                          * weights_TxK[..., None], axis=1)
+    return jnp.einsum("te,ted->td", combine_TxE.astype(jnp.float32), out_TxExD.astype(jnp.float32))
+
+
+def _combine(out_TxKxD, weights_TxK):
+    return jnp.sum(out_TxKxD.astype(jnp.float32) * weights_TxK[..., None].astype(jnp.float32), axis=1)
+
+
+def experts_gather(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+    """Per (token, choice): FFN with the gathered weights W[e_tk] (reads only the chosen experts)."""
+    w1, w3, w2 = w1_ExDxF[experts_TxK], w3_ExDxF[experts_TxK], w2_ExFxD[experts_TxK]
+    h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x_TxD, w1)) * jnp.einsum("td,tkdf->tkf", x_TxD, w3)
+    return _combine(jnp.einsum("tkf,tkfd->tkd", h, w2), weights_TxK)
+
+
+def _sort_assignments(experts_TxK, num_experts):
+    flat_A = experts_TxK.reshape(-1)
+    order_A = jnp.argsort(flat_A, stable=True)
+    group_sizes_E = jnp.bincount(flat_A, length=num_experts).astype(jnp.int32)
+    return order_A, group_sizes_E
+
+
+def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+    """Sort the T·k assignments by expert and run grouped GEMMs with `jax.lax.ragged_dot`."""
+    t, k = experts_TxK.shape
+    order_A, sizes_E = _sort_assignments(experts_TxK, w1_ExDxF.shape[0])
+    xs_AxD = x_TxD[order_A // k]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs_AxD, w1_ExDxF, sizes_E)) * jax.lax.ragged_dot(xs_AxD, w3_ExDxF, sizes_E)
+    out_sorted = jax.lax.ragged_dot(h, w2_ExFxD, sizes_E)
+    out_AxD = jnp.zeros_like(out_sorted).at[order_A].set(out_sorted)
+    return _combine(out_AxD.reshape(t, k, -1), weights_TxK)
+
+
+def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, tile_rows: int = TILE_ROWS):
+    """Sorted assignments in tiles of G rows; tile τ multiplies rows [r_τ, r_τ+G) by its expert's weights.
+
+    Tiles are visited in expert order, so rows a tile computes past its expert's group are recomputed
+    (overwritten) by the later tiles that own them. The tile count is static: ⌈A/G⌉ + E bounds Σ_e ⌈g_e/G⌉.
+    """
+    t, k = experts_TxK.shape
+    e = w1_ExDxF.shape[0]
+    a = t * k
+    g = max(8, min(tile_rows, 1 << max(a // e, 1).bit_length()))
+    order_A, sizes_E = _sort_assignments(experts_TxK, e)
+    xs = jnp.concatenate([x_TxD[order_A // k], jnp.zeros((g, x_TxD.shape[1]), x_TxD.dtype)], axis=0)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    tiles_E = (sizes_E + g - 1) // g
+    tiles_end_E = jnp.cumsum(tiles_E)
+    n_tiles = -(-a // g) + e
+    tau = jnp.arange(n_tiles)
+    expert_T = jnp.minimum(jnp.searchsorted(tiles_end_E, tau, side="right"), e - 1).astype(jnp.int32)
+    active_T = tau < tiles_end_E[-1]
+    row_T = starts_E[expert_T] + g * (tau - (tiles_end_E[expert_T] - tiles_E[expert_T]))
+    row_T = jnp.where(active_T, row_T, a)
+
+    @jax.checkpoint
+    def tile(x_GxD, ex):
+        return _swiglu(x_GxD, w1_ExDxF[ex], w3_ExDxF[ex], w2_ExFxD[ex])
+
+    def body(out, xs_tile):
+        ex, row, active = xs_tile
+        x_GxD = jax.lax.dynamic_slice_in_dim(xs, row, g, axis=0)
+        y = jax.lax.cond(active, lambda: tile(x_GxD, ex), lambda: jnp.zeros((g, out.shape[1]), out.dtype))
+        out = jax.lax.cond(active, lambda: jax.lax.dynamic_update_slice_in_dim(out, y, row, axis=0), lambda: out)
+        return out, None
+
+    out0 = jnp.zeros((a + g, w2_ExFxD.shape[2]), x_TxD.dtype)
+    out, _ = jax.lax.scan(body, out0, (expert_T, row_T, active_T))
+    out_sorted = out[:a]
+    out_AxD = jnp.zeros_like(out_sorted).at[order_A].set(out_sorted)
+    return _combine(out_AxD.reshape(t, k, -1), weights_TxK)
+
+
+EXPERT_IMPLS = {"dense": experts_dense, "gather": experts_gather, "ragged": experts_ragged, "tiled": experts_tiled}
+
+
+def choose_impl(impl: str, num_assignments: int, num_experts: int) -> str:
+    """"auto": gather for decode-sized inputs, else ragged_dot on GPU/TPU and tiles on CPU."""
+    if impl != "auto":
+        return impl
+    if num_assignments <= num_experts:
+        return "gather"
+    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+
+
+class MoE(nnx.Module):
+    """Sparse MoE block: router `gate` [D, E] (fp32), experts `w1`/`w3` [E, D, F] (gate/up), `w2` [E, F, D]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, e, f = config.hidden_size, config.num_local_experts, config.intermediate_size
+        pdt, std = config.param_dtype, config.initializer_range
+        self.config = config
+        self.gate = param(rngs, (d, e), ("embed", "router_experts"), "float32", std=std)
+        self.w1 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pdt, std=std)
+        self.w3 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pdt, std=std)
+        self.w2 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), pdt, std=std)
+
+    def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None, impl: str | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns (y `[B, L, D]` in the compute dtype, routing statistics over valid tokens)."""
+        c = self.config
+        dt = DTYPE[c.dtype]
+        b, l, d = x_BxLxD.shape
+        x_TxD = x_BxLxD.reshape(b * l, d).astype(dt)
+        probs_TxE, weights_TxK, experts_TxK = route(x_TxD, self.gate[...], c.num_experts_per_tok)
+        name = choose_impl(impl or c.moe_impl, experts_TxK.size, c.num_local_experts)
+        y_TxD = EXPERT_IMPLS[name](x_TxD, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt),
+                                   weights_TxK.astype(dt), experts_TxK)
+        stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
+        return y_TxD.astype(dt).reshape(b, l, d), stats
+
+
+def routing_stats(probs_TxE, experts_TxK, valid_T=None) -> dict[str, jax.Array]:
+    """tokens_per_expert `[E]` (assignments), mean_prob `[E]`, num_tokens, and the Switch load-balancing loss
+    aux = E · Σ_e (tokens_e / T) · mean_prob_e — all over valid tokens only."""
+    e = probs_TxE.shape[1]
+    w_T = jnp.ones(probs_TxE.shape[0], jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w_T), 1.0)
+    tokens_E = jnp.sum(jax.nn.one_hot(experts_TxK, e, dtype=jnp.float32) * w_T[:, None, None], axis=(0, 1))
+    mean_prob_E = jnp.sum(probs_TxE * w_T[:, None], axis=0) / n
+    return {"tokens_per_expert": tokens_E, "mean_prob": mean_prob_E, "num_tokens": jnp.sum(w_T),
+            "aux_loss": e * jnp.sum(tokens_E / n * mean_prob_E)}

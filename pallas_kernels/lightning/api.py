@@ -1,0 +1,72 @@
+"""Public lightning-attention entry points and the one place where an implementation is chosen.
+
+`impl`: "xla" (the pure-JAX blocked path of `reference.py`), "pallas" (the Pallas kernels), or "auto"
+(Pallas where the backend has a compiled lowering — GPU via Triton, TPU via Mosaic — else XLA; also XLA when
+the kernels cannot tile the shapes, e.g. a head dim that is not a power of two on GPU).
+`interpret=None` runs Pallas in interpret mode on CPU and compiled elsewhere; `interpret=True` forces the
+generic interpreter (GPU layout), a `pltpu.InterpretParams` the TPU interpreter (TPU layout). Block sizes and
+layouts are chosen in `tiling.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.lightning import reference
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def _pallas_backend_supported() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_impl(impl: str) -> str:
+    """Map "auto" to the implementation used on the current default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if _pallas_backend_supported() else "xla"
+    return impl
+
+
+def lightning_attention(q, k, v, slope, initial_state=None, *, block_size: int = 256, impl: str = "auto",
+                        interpret: bool | None = None):
+    """Decayed linear attention S_t = λ S_{t−1} + k_tᵀ v_t, o_t = q_t S_t with λ = exp(−slope) per head.
+
+    q, k, v: `[batch, seq, heads, head_dim]`; slope: `[heads]`; initial_state: `[batch, heads, head_dim, head_dim]`
+    fp32 or None (zeros). Returns `(out [batch, seq, heads, head_dim] in q.dtype, final_state fp32)`.
+    """
+    requested, impl = impl, resolve_impl(impl)
+    if impl == "pallas":
+        from pallas_kernels.lightning import prefill, tiling
+
+        b, t, h, d = q.shape
+        try:
+            plan = tiling.choose_tiling(t, d, v.shape[-1], batch=b, heads=h, block_size=block_size,
+                                        interpret=interpret)
+        except NotImplementedError:
+            if requested != "auto":
+                raise
+        else:
+            return prefill.lightning_attention_pallas(q, k, v, slope, initial_state, tiling=plan)
+    return reference.lightning_attention_blocked(q, k, v, slope, initial_state, block_size=block_size)
+
+
+def lightning_decode(q, k, v, slope, state, *, impl: str = "auto", interpret: bool | None = None):
+    """One token per sequence: S' = λ S + kᵀ v, o = q S'. q, k, v `[batch, heads, head_dim]`; returns (o, S').
+
+    The Pallas kernel aliases the state input to the new-state output: donate it to update it in place.
+    """
+    requested, impl = impl, resolve_impl(impl)
+    if impl == "pallas":
+        from pallas_kernels.lightning import decode, tiling
+
+        try:
+            plan = tiling.choose_tiling(1, q.shape[-1], v.shape[-1], interpret=interpret)
+        except NotImplementedError:
+            if requested != "auto":
+                raise
+        else:
+            return decode.lightning_decode_pallas(q, k, v, slope, state, tiling=plan)
+    return reference.lightning_decode_reference(q, k, v, slope, state)

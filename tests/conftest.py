@@ -1,0 +1,24 @@
+"""Test setup: 8 fake CPU devices for mesh tests (must happen before jax is imported), shared fixtures."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    """`../shared/fixtures` (real MiniMax artifacts); tests that need it skip when it is absent."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real MiniMax fixtures not found at {FIXTURES}")
+    return FIXTURES
