@@ -36,6 +36,84 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _load_model_and_tokenizer(args):
+    """--model DIR (HF or converted checkpoint with tokenizer files) or the embedded demo model."""
+    from m1jax.demo import demo_model, demo_tokenizer
+    from m1jax.tokenizer import Tokenizer
+
+    if args.model is None:
+        model = demo_model(args.preset, seed=args.model_seed, dtype=args.dtype or "float32")
+        tokenizer = demo_tokenizer(model.config.vocab_size) if args.tokenizer is None else \
+            Tokenizer.from_pretrained(args.tokenizer)
+        return model, tokenizer
+    from m1jax.loading import from_pretrained
+
+    model = from_pretrained(args.model, dtype=args.dtype)
+    try:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"no usable tokenizer in {args.tokenizer or args.model} ({e}); pass --tokenizer DIR") from None
+    return model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    """Generate from a text prompt or a chat conversation, streaming the text to stdout."""
+    import json
+
+    from m1jax.chat import parse_output
+    from m1jax.generation import Engine, GenerationError
+    from m1jax.sampling import SamplingParams
+
+    model, tokenizer = _load_model_and_tokenizer(args)
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  min_p=args.min_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                  stop_strings=tuple(args.stop or ()),
+                                  repetition_stop=args.repetition_stop or None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
+    if args.messages:
+        try:
+            messages = json.loads(open(args.messages, encoding="utf-8").read())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read --messages {args.messages}: {e}") from None
+    elif args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.prompt}]
+    else:
+        messages = None
+    if messages is not None:
+        if tokenizer.chat_template is None:
+            raise UserError("the tokenizer has no chat_template; use --prompt without --chat")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    ids = tokenizer.encode(text)
+    stream = tokenizer.stream_decoder()
+
+    def on_step(step, tokens, active):
+        if args.stream and active[0]:
+            sys.stdout.write(stream.push(int(tokens[0])))
+            sys.stdout.flush()
+
+    try:
+        [result] = engine.generate([ids], sampling, callback=on_step if args.stream else None)
+    except GenerationError as e:
+        raise UserError(str(e)) from None
+    if args.stream:
+        sys.stdout.write(stream.flush() + "\n")
+    else:
+        print(result.text)
+    summary = (f"[{len(ids)} prompt tokens, {len(result.tokens)} generated, finish reason: "
+               f"{result.finish_reason}]")
+    if messages is not None:
+        parsed = parse_output(result.text or "")
+        summary += f" [reasoning: {len(parsed.reasoning or '')} chars, tool calls: {len(parsed.tool_calls)}]"
+    print(summary, file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m1jax", description="MiniMax-M1 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text (streams to stdout); without --model: the embedded demo")
+    p.add_argument("--model", help="HF checkpoint dir or converted m1jax checkpoint (default: embedded demo)")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the model dir)")
+    p.add_argument("--preset", default="tiny", help="demo model preset when no --model is given")
+    p.add_argument("--model-seed", type=int, default=0, help="demo model weight seed")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt", default="The lightning attention of MiniMax", help="prompt text (user message with "
+                   "--chat)")
+    p.add_argument("--chat", action="store_true", help="render --prompt as a user turn with the chat template")
+    p.add_argument("--system", help="system prompt (with --chat)")
+    p.add_argument("--messages", help="JSON file with a chat conversation (list of {role, content})")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--repetition-stop", type=int, default=3000, help="stop after N tokens each with p > 0.99 (0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--no-stream", dest="stream", action="store_false")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -65,9 +65,9 @@ class MiniMaxM1(nnx.Module):
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         b, l = tokens_BxL.shape
         dt = DTYPE[c.dtype]
+        ctx: dict[str, Any] = {"valid_BxL": valid_BxL, "moe_impl": moe_impl}
         if valid_BxL is None:
             valid_BxL = jnp.ones((b, l), bool)
-        ctx: dict[str, Any] = {"valid_BxL": valid_BxL, "moe_impl": moe_impl}
         if cache is not None:
             if cache.batch_size != b:
                 raise ValueError(f"cache holds {cache.batch_size} sequences, tokens have batch {b}")

@@ -59,8 +59,9 @@ class LightningAttention(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None,
                  state_BxHxDxD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Returns (y `[B, L, D_model]`, final state `[B, H, D, D]` fp32). Invalid (padding) tokens add nothing
-        to the state: their k and v are zeroed. `state_BxHxDxD` is the state before the first token."""
+        """Returns (y `[B, L, D_model]`, final state `[B, H, D, D]` fp32); `state_BxHxDxD` is the state before
+        the first token (None: zeros). Padding (`valid_BxL` False) must precede each row's real tokens within
+        the call; it never changes the state (its k, v are zeroed and the carried state skips it)."""
         c = self.config
         dt = DTYPE[c.dtype]
         hd = c.head_dim
@@ -74,7 +75,11 @@ class LightningAttention(nnx.Module):
         slope_H = jnp.asarray(self.slopes)
         if x_BxLxD.shape[1] == 1 and state_BxHxDxD is not None:
             o, state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slope_H, state_BxHxDxD, impl=c.lightning_impl)
+            if valid_BxL is not None:  # a padding step leaves the state untouched
+                state = jnp.where(valid_BxL[:, 0, None, None, None], state, state_BxHxDxD)
             o_BxLxHxD = o[:, None]
+        elif state_BxHxDxD is not None and valid_BxL is not None:
+            o_BxLxHxD, state = self._continue_left_padded(q, k, v, slope_H, state_BxHxDxD, valid_BxL)
         else:
             o_BxLxHxD, state = lightning_attention(q, k, v, slope_H, state_BxHxDxD, block_size=c.block_size,
                                                    impl=c.lightning_impl)
@@ -84,3 +89,22 @@ class LightningAttention(nnx.Module):
         gate_BxLxHxD = jax.nn.sigmoid(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.output_gate[...].astype(dt)))
         y = jnp.einsum("blhk,hkd->bld", gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), self.out_proj[...].astype(dt))
         return y, state
+
+    def _continue_left_padded(self, q, k, v, slope_H, s0_BxHxDxD, valid_BxL):
+        """Carry a state S₀ across a chunk whose row b starts with p_b padding tokens: the state skips them.
+
+        By linearity the carried state enters at the first real token: with zero initial state for the chunk,
+            o_t += λ^{t−p_b+1} q_t S₀  (t ≥ p_b),        S_L += λ^{L−p_b} S₀.
+        Exponents are ≥ 0, so this is exact and stable for any amount of padding.
+        """
+        c = self.config
+        l = q.shape[1]
+        out, fin = lightning_attention(q, k, v, slope_H, None, block_size=c.block_size, impl=c.lightning_impl)
+        pad_B = l - jnp.sum(valid_BxL.astype(jnp.int32), axis=1)
+        exp_BxL = (jnp.arange(l)[None, :] - pad_B[:, None] + 1).astype(jnp.float32)
+        decay_BxLxH = jnp.where(exp_BxL[..., None] > 0, jnp.exp(-jnp.maximum(exp_BxL, 0.0)[..., None] * slope_H), 0.0)
+        carried = jnp.einsum("blhd,bhde->blhe", q.astype(jnp.float32) * decay_BxLxH[..., None], s0_BxHxDxD,
+                             precision=jax.lax.Precision.HIGHEST)
+        out = (out.astype(jnp.float32) + carried).astype(q.dtype)
+        fin = fin + jnp.exp(-(l - pad_B)[:, None].astype(jnp.float32) * slope_H)[..., None, None] * s0_BxHxDxD
+        return out, fin

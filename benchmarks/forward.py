@@ -1,0 +1,115 @@
+"""Prefill throughput of m1jax vs transformers on the same small config (fp32, CPU), FLOP/s vs the measured
+matmul rate, and lightning-attention cost per token from 1K to 64K tokens. Prints markdown tables.
+
+    python benchmarks/forward.py [--preset bench-small] [--seq 2048] [--lengths 1024,4096,16384,65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.common import machine, matmul_flops, table, timeit  # noqa: E402
+from m1jax.config import LIGHTNING, ModelConfig  # noqa: E402
+from m1jax.model import MiniMaxM1  # noqa: E402
+from m1jax.modules.lightning import LightningAttention  # noqa: E402
+
+
+def forward_flops(c: ModelConfig, t: int) -> float:
+    """Matmul FLOPs of one forward over t tokens (batch 1): weights, LM head, and the attention mixers."""
+    per_token = 2 * c.param_counts()["active"] + 2 * c.hidden_size * c.vocab_size
+    h, hd, blk = c.num_attention_heads, c.head_dim, min(c.block_size, t)
+    lightning = len(c.lightning_layers) * t * h * (2 * 2 * blk * hd + 2 * 2 * hd * hd)  # intra + inter/state
+    softmax = len(c.softmax_layers) * 2 * 2 * h * hd * t * (t + 1) / 2  # causal QKᵀ and PV
+    return per_token * t + lightning + softmax
+
+
+def bench_prefill(c: ModelConfig, t: int, rows: list, peak: float):
+    import torch
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    tokens = np.random.default_rng(0).integers(0, c.vocab_size, (1, t))
+    model = MiniMaxM1(c, rngs=nnx.Rngs(0))
+    fwd = nnx.jit(lambda m, x: m(x).logits)
+    x = jnp.asarray(tokens)
+    t_jax = timeit(lambda: fwd(model, x), repeat=5)
+
+    d = c.replace(hf_spelling="transformers", hf_source_json="{}").to_hf_dict()
+    for k in ("rotary_dim", "postnorm"):
+        d.pop(k, None)
+    torch.manual_seed(0)
+    hf = MiniMaxForCausalLM(MiniMaxConfig(**d)).eval()
+    xt = torch.tensor(tokens)
+    with torch.no_grad():
+        hf(xt)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            hf(xt)
+            times.append(time.perf_counter() - t0)
+    t_hf = sorted(times)[1]
+    flops = forward_flops(c, t)
+    for name, sec in (("m1jax (XLA)", t_jax), ("transformers 5.23 (torch fp32)", t_hf)):
+        rows.append([name, f"1 x {t}", round(t / sec), f"{flops / sec / 1e9:.1f}", f"{100 * flops / sec / peak:.0f}%",
+                     f"{t_hf / sec:.2f}x"])
+
+
+def bench_lightning(c: ModelConfig, lengths: list[int], rows: list):
+    import torch
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention as HFLightning
+
+    layer = LightningAttention(c, c.lightning_layers[0], rngs=nnx.Rngs(0))
+    f = nnx.jit(lambda m, x: m(x)[0])
+    d = c.replace(hf_spelling="transformers", hf_source_json="{}").to_hf_dict()
+    for k in ("rotary_dim", "postnorm"):
+        d.pop(k, None)
+    hf = HFLightning(MiniMaxConfig(**d), 0).eval()
+    for t in lengths:
+        x = jax.random.normal(jax.random.PRNGKey(0), (1, t, c.hidden_size), jnp.float32)
+        t_jax = timeit(lambda: f(layer, x), repeat=3)
+        xt = torch.randn(1, t, c.hidden_size)
+        with torch.no_grad():
+            hf(xt, None, None)
+            t0 = time.perf_counter()
+            reps = 2
+            for _ in range(reps):
+                hf(xt, None, None)
+            t_hf = (time.perf_counter() - t0) / reps
+        rows.append([t, f"{1e6 * t_jax / t:.1f}", f"{1e6 * t_hf / t:.1f}", f"{t_hf / t_jax:.2f}x"])
+        print(f"  lightning {t}: m1jax {1e6 * t_jax / t:.1f} us/token, transformers {1e6 * t_hf / t:.1f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench-small")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--lengths", default="1024,4096,16384,65536")
+    args = ap.parse_args()
+    c = ModelConfig.from_preset(args.preset)
+    assert all(t == LIGHTNING for t in c.layer_types[:-1])
+    print(f"# forward benchmark — {time.strftime('%Y-%m-%d')} — {machine()}")
+    peak = matmul_flops()
+    print(f"measured fp32 matmul (2048^3, JAX): {peak / 1e9:.1f} GFLOP/s")
+    rows: list = []
+    bench_prefill(c, args.seq, rows, peak)
+    print(table(["implementation", "batch x tokens", "prefill tokens/s", "GFLOP/s", "% of matmul rate",
+                 "speed vs transformers"], rows))
+    rows = []
+    bench_lightning(c, [int(x) for x in args.lengths.split(",")], rows)
+    print(f"\nlightning attention layer (hidden {c.hidden_size}, {c.num_attention_heads} heads x {c.head_dim}, "
+          f"block {c.block_size}; projections + norm + gate included), batch 1:")
+    print(table(["tokens", "m1jax us/token", "transformers us/token", "m1jax speed-up"], rows))
+
+
+if __name__ == "__main__":
+    main()
