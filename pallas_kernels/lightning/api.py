@@ -3,6 +3,7 @@
 `impl`: "xla" (the pure-JAX blocked path of `reference.py`), "pallas" (the Pallas kernels), or "auto"
 (Pallas where the backend has a compiled lowering — GPU via Triton, TPU via Mosaic — else XLA; also XLA when
 the kernels cannot tile the shapes, e.g. a head dim that is not a power of two on GPU).
+The environment variable `M1JAX_LIGHTNING_IMPL` ("xla" / "pallas") overrides what "auto" picks.
 `interpret=None` runs Pallas in interpret mode on CPU and compiled elsewhere; `interpret=True` forces the
 generic interpreter (GPU layout), a `pltpu.InterpretParams` the TPU interpreter (TPU layout). Block sizes and
 layouts are chosen in `tiling.py`.
@@ -10,11 +11,14 @@ layouts are chosen in `tiling.py`.
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from pallas_kernels.lightning import reference
 
 IMPLS = ("auto", "xla", "pallas")
+IMPL_ENV = "M1JAX_LIGHTNING_IMPL"
 
 
 def _pallas_backend_supported() -> bool:
@@ -26,6 +30,11 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
+        forced = os.environ.get(IMPL_ENV, "").strip().lower()
+        if forced:
+            if forced not in IMPLS[1:]:
+                raise ValueError(f"{IMPL_ENV} must be one of {IMPLS[1:]}, got {forced!r}")
+            return forced
         return "pallas" if _pallas_backend_supported() else "xla"
     return impl
 

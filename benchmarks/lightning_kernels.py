@@ -1,0 +1,495 @@
+"""Lightning-attention kernels: Pallas vs the XLA path vs softmax flash attention (and fla), M1 head shape.
+
+Prints markdown tables of forward, forward+backward and decode times with achieved TFLOP/s, GB/s and % of the
+peak matmul FLOP/s and copy GB/s measured in the same run. Sections (run in this order, each guarded):
+
+    --check      compiled correctness of the Pallas kernels vs the references (ragged, bf16, grads, decode)
+    (default)    prefill table (T = 1K … 64K, 64 heads × 128, batch 1, bf16) and decode table
+    --sweep      Pallas tilings (block_t, block_v, warps, segments) at one length, for tuning `tiling.py`
+    --fla        flash-linear-attention's `chunk_simple_gla` (torch/Triton) at the same shapes; run it in its
+                 own process (JAX_PLATFORMS=cpu) so JAX does not hold the GPU memory
+
+    python benchmarks/lightning_kernels.py [--small] [--check] [--sweep] [--no-bench] [--fla]
+
+On CPU `--small` is implied (2 heads, T ≤ 1024; Pallas runs in interpret mode, so its times mean nothing).
+FLOP counts are those of the blocked algorithm at C = 64 (what the GPU kernel executes): forward
+4·B·T·H·D·(C + D), forward+backward 3× that; softmax causal forward 2·B·H·T²·D, forward+backward 3.5× that.
+GB/s counts the minimum HBM traffic (read q, k, v (+dO), write the outputs (+ grads), states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--fla" in sys.argv:  # torch owns the GPU there; JAX (the reference check) stays on the CPU
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import copy_bandwidth, machine, matmul_flops, table, timeit  # noqa: E402
+from pallas_kernels.lightning import api, reference  # noqa: E402
+from pallas_kernels.lightning.decode import lightning_decode_pallas  # noqa: E402
+from pallas_kernels.lightning.prefill import lightning_attention_pallas  # noqa: E402
+from pallas_kernels.lightning.tiling import choose_tiling  # noqa: E402
+
+M1_HEADS, M1_HEAD_DIM = 64, 128
+FLOP_BLOCK = 64
+DECODE_STEPS = 16  # decode steps per timed call (amortises dispatch)
+
+
+def m1_slopes(h: int) -> np.ndarray:
+    """ALiBi slopes of a power-of-two head count (spec §3.3), layer 0."""
+    return np.array([2.0 ** (-(8.0 / h) * (i + 1)) for i in range(h)], np.float32)
+
+
+def lightning_flops(b, t, h, d, *, backward=False) -> float:
+    fwd = 4.0 * b * t * h * d * (FLOP_BLOCK + d)
+    return 3 * fwd if backward else fwd
+
+
+def softmax_flops(b, t, h, d, *, backward=False) -> float:
+    fwd = 2.0 * b * h * t * t * d
+    return 3.5 * fwd if backward else fwd
+
+
+def prefill_bytes(b, t, h, d, itemsize, *, backward=False) -> float:
+    n = b * t * h * d * itemsize
+    state = b * h * d * d * 4
+    return (4 * n + 2 * state) + ((7 * n + 3 * state) if backward else 0)
+
+
+def section(title):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            print(f"\n## {title}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - a benchmark section must not stop the others
+                traceback.print_exc()
+                print(f"(section failed: {title})", flush=True)
+            finally:
+                print(f"[{title}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        return run
+    return wrap
+
+
+def inputs(b, t, h, d, dtype, seed=0, *, initial_state=True):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = (jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5).astype(dtype)
+    k = (jax.random.normal(ks[1], (b, t, h, d)) * d ** -0.5).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, h, d)).astype(dtype)
+    s0 = jax.random.normal(ks[3], (b, h, d, d), jnp.float32) if initial_state else None
+    return q, k, v, jnp.asarray(m1_slopes(h)), s0
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------ implementations
+
+def lightning_impl(impl: str):
+    def fn(q, k, v, slope, s0):
+        return api.lightning_attention(q, k, v, slope, s0, impl=impl)
+    return fn
+
+
+def softmax_impl(implementation):
+    def fn(q, k, v, slope, s0):
+        del slope, s0
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation), None
+    return fn
+
+
+def forward_fn(fn):
+    return jax.jit(lambda q, k, v, slope, s0: fn(q, k, v, slope, s0))
+
+
+def forward_backward_fn(fn):
+    """jit(q, k, v, s0 ↦ grads) of a loss on both outputs (includes the forward)."""
+
+    def grads(q, k, v, slope, s0):
+        def f(q, k, v, s0):
+            out, final = fn(q, k, v, slope, s0)
+            return out, (jnp.zeros((), jnp.float32) if final is None else final)
+
+        (out, final), vjp = jax.vjp(f, q, k, v, s0)
+        return vjp((jnp.ones_like(out), jnp.ones_like(final)))
+
+    return jax.jit(grads)
+
+
+def softmax_available(t, h, d) -> str | None:
+    """"cudnn" if cuDNN flash attention runs here, "xla" if the T×T scores fit easily, else None."""
+    if jax.default_backend() == "gpu":
+        try:
+            x = jnp.zeros((1, 128, 2, d), jnp.bfloat16)
+            jax.block_until_ready(jax.nn.dot_product_attention(x, x, x, is_causal=True, implementation="cudnn"))
+            return "cudnn"
+        except Exception as e:  # noqa: BLE001
+            print(f"cudnn attention unavailable: {type(e).__name__}: {str(e)[:200]}")
+    return "xla" if t * t * h * 4 * 6 <= 8 * 2**30 else None
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+@section("environment")
+def environment():
+    print(machine())
+    print("devices:", jax.devices())
+    import jaxlib
+
+    print("jax", jax.__version__, "| jaxlib", jaxlib.__version__, "| backend", jax.default_backend(),
+          "| python", sys.version.split()[0])
+
+
+@section("measured peaks")
+def peaks(small: bool):
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    n = 1024 if small else 8192
+    flops = matmul_flops(n, dtype)
+    bw = copy_bandwidth((64 if small else 2048) * 2**20)
+    print(f"matmul {n}^3 {jnp.dtype(dtype).name}: {flops / 1e12:.3g} TFLOP/s; copy (read+write): {bw / 1e9:.0f} GB/s")
+    return flops, bw
+
+
+@section("compiled correctness (Pallas vs reference)")
+def check():
+    interpret = jax.default_backend() == "cpu"
+    rows = []
+
+    def record(name, err, tol):
+        rows.append([name, f"{err:.2e}", f"{tol:.0e}", "PASS" if err < tol else "FAIL"])
+        print(f"  {name}: {err:.2e} (tol {tol:.0e}) {'PASS' if err < tol else 'FAIL'}", flush=True)
+
+    naive = jax.jit(reference.lightning_attention_naive)
+    pallas = jax.jit(functools.partial(lightning_attention_pallas, interpret=interpret))
+    cases = [  # b, t, h, d, dtype, initial state
+        (2, 1000, 4, 128, jnp.float32, True),
+        (1, 257, 3, 64, jnp.float32, False),
+        (1, 1025 if interpret else 4097, 8, 128, jnp.bfloat16, True),  # auto segmentation on GPU
+        (2, 1, 2, 128, jnp.bfloat16, True),
+    ]
+    for b, t, h, d, dtype, init in cases:
+        name = f"fwd b{b} t{t} h{h} d{d} {jnp.dtype(dtype).name}{' s0' if init else ''}"
+        try:
+            q, k, v, slope, s0 = inputs(b, t, h, d, dtype, seed=t, initial_state=init)
+            out, final = pallas(q, k, v, slope, s0)
+            ref_out, ref_final = naive(*(x.astype(jnp.float32) for x in (q, k, v)), slope, s0)
+            tol = 2e-5 if dtype == jnp.float32 else 2e-2
+            record(name + " out", rel_err(out, ref_out), tol)
+            record(name + " state", rel_err(final, ref_final), tol)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append([name, "error", "", f"{type(e).__name__}"])
+
+    def loss(fn, q, k, v, s0, slope):
+        out, final = fn(q, k, v, slope, s0)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+        return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(jnp.sin(final))
+
+    for b, t, h, d, dtype in [(1, 777, 2, 128, jnp.float32), (2, 300, 2, 64, jnp.bfloat16)]:
+        name = f"grad b{b} t{t} h{h} d{d} {jnp.dtype(dtype).name}"
+        try:
+            q, k, v, slope, s0 = inputs(b, t, h, d, dtype, seed=t)
+            got = jax.jit(jax.grad(functools.partial(loss, functools.partial(lightning_attention_pallas,
+                                                                             interpret=interpret)),
+                                   argnums=(0, 1, 2, 3)))(q, k, v, s0, slope)
+            want = jax.jit(jax.grad(functools.partial(loss, reference.lightning_attention_naive),
+                                    argnums=(0, 1, 2, 3)))(*(x.astype(jnp.float32) for x in (q, k, v)), s0, slope)
+            tol = 2e-5 if dtype == jnp.float32 else 2e-2
+            for gname, g, w in zip(("dq", "dk", "dv", "ds0"), got, want):
+                record(f"{name} {gname}", rel_err(g, w), tol)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append([name, "error", "", f"{type(e).__name__}"])
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        name = f"decode chain {jnp.dtype(dtype).name}"
+        try:
+            b, t, h, d = 3, 130, 4, 128
+            q, k, v, slope, s0 = inputs(b, t + 2, h, d, dtype, seed=5)
+            decode = jax.jit(functools.partial(lightning_decode_pallas, interpret=interpret))
+            out, state = pallas(q[:, :t], k[:, :t], v[:, :t], slope, s0)
+            outs = [out]
+            for i in (t, t + 1):
+                ref_o, ref_s = reference.lightning_decode_reference(q[:, i], k[:, i], v[:, i], slope, state)
+                o, state_new = decode(q[:, i], k[:, i], v[:, i], slope, state)
+                record(f"{name} step vs reference", rel_err(o, ref_o), 2e-5 if dtype == jnp.float32 else 2e-2)
+                record(f"{name} state vs reference", rel_err(state_new, ref_s), 2e-5)
+                outs.append(o[:, None])
+                state = state_new
+            ref_out, ref_final = naive(*(x.astype(jnp.float32) for x in (q, k, v)), slope, s0)
+            tol = 2e-5 if dtype == jnp.float32 else 2e-2
+            record(f"{name} vs long prefill out", rel_err(jnp.concatenate(outs, 1), ref_out), tol)
+            record(f"{name} vs long prefill state", rel_err(state, ref_final), tol)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append([name, "error", "", f"{type(e).__name__}"])
+
+    if not interpret:  # long sequence, M1 shape: Pallas vs the XLA path
+        try:
+            q, k, v, slope, s0 = inputs(1, 16384, M1_HEADS, M1_HEAD_DIM, jnp.bfloat16, seed=3)
+            out, final = pallas(q, k, v, slope, s0)
+            x_out, x_final = jax.jit(reference.lightning_attention_blocked)(q, k, v, slope, s0)
+            record("fwd t16384 h64 bf16 vs XLA path out", rel_err(out, x_out), 2e-2)
+            record("fwd t16384 h64 bf16 vs XLA path state", rel_err(final, x_final), 2e-2)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append(["fwd t16384 vs XLA", "error", "", f"{type(e).__name__}"])
+    print(table(["check", "max|err|/max|ref|", "tol", "result"], rows))
+
+
+@section("prefill: forward and forward+backward")
+def bench_prefill(lengths, heads, head_dim, peak_flops, peak_bw, dtype=jnp.bfloat16):
+    b, h, d = 1, heads, head_dim
+    impls = [("pallas", lightning_impl("pallas")), ("xla (blocked)", lightning_impl("xla"))]
+    rows = []
+    for t in lengths:
+        softmax = softmax_available(t, h, d)
+        todo = impls + ([(f"softmax ({softmax})", softmax_impl(softmax))] if softmax else [])
+        q, k, v, slope, s0 = inputs(b, t, h, d, dtype)
+        for name, fn in todo:
+            is_softmax = name.startswith("softmax")
+            for backward in (False, True):
+                mode = "fwd+bwd" if backward else "fwd"
+                try:
+                    f = (forward_backward_fn if backward else forward_fn)(fn)
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(q, k, v, slope, s0))
+                    compile_s = time.perf_counter() - t0
+                    sec = timeit(lambda: f(q, k, v, slope, s0), warmup=1, repeat=5)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {name} T={t} {mode}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    rows.append([t, name, mode, "error", "", "", "", ""])
+                    continue
+                flops = (softmax_flops if is_softmax else lightning_flops)(b, t, h, d, backward=backward)
+                nbytes = prefill_bytes(b, t, h, d, jnp.dtype(dtype).itemsize, backward=backward)
+                row = [t, name, mode, f"{sec * 1e3:.3f}", f"{flops / sec / 1e12:.3g}",
+                       f"{100 * flops / sec / peak_flops:.0f}%", f"{nbytes / sec / 1e9:.0f}", f"{compile_s:.1f}"]
+                rows.append(row)
+                print("  " + " | ".join(str(x) for x in row), flush=True)
+    print(f"\nprefill, batch {b}, {h} heads x {d}, {jnp.dtype(dtype).name}; TFLOP/s on the blocked-C=64 count "
+          f"(softmax: causal count)")
+    print(table(["T", "implementation", "pass", "ms", "TFLOP/s", "% peak FLOP/s", "GB/s", "compile s"], rows))
+
+
+def softmax_decode_steps(implementation):
+    """jit(qs [S, B, H, D], K/V cache [B, T, H, D]) ↦ S single-query attention steps over the cache."""
+
+    @jax.jit
+    def attend(qs, kc, vc):
+        def step(carry, q):
+            return carry, jax.nn.dot_product_attention(q[:, None], kc, vc, implementation=implementation)
+        return jax.lax.scan(step, 0, qs)[1]
+
+    return attend
+
+
+@section("decode: one token per sequence")
+def bench_decode(batches, contexts, heads, head_dim, peak_bw, dtype=jnp.bfloat16):
+    h, d = heads, head_dim
+    rows = []
+    interpret = jax.default_backend() == "cpu"
+
+    def lightning_steps(decode_fn):
+        @jax.jit
+        def run(qs, ks, vs, slope, state):
+            def step(state, x):
+                o, state = decode_fn(*x, slope, state)
+                return state, o
+            state, outs = jax.lax.scan(step, state, (qs, ks, vs))
+            return outs, state
+        return run
+
+    for b in batches:
+        ks = jax.random.split(jax.random.PRNGKey(b), 4)
+        qs, kk, vs = (jax.random.normal(kx, (DECODE_STEPS, b, h, d)).astype(dtype) for kx in ks[:3])
+        state = jax.random.normal(ks[3], (b, h, d, d), jnp.float32)
+        slope = jnp.asarray(m1_slopes(h))
+        state_bytes = b * h * d * d * 4
+        for name, fn in (("lightning pallas", functools.partial(lightning_decode_pallas, interpret=interpret)),
+                         ("lightning xla", reference.lightning_decode_reference)):
+            try:
+                f = lightning_steps(fn)
+                sec = timeit(lambda: f(qs, kk, vs, slope, state), warmup=1, repeat=5) / DECODE_STEPS
+                nbytes = 2 * state_bytes + 4 * b * h * d * jnp.dtype(dtype).itemsize
+                rows.append([b, name, "any", f"{sec * 1e6:.1f}", f"{nbytes / sec / 1e9:.0f}",
+                             f"{100 * nbytes / sec / peak_bw:.0f}%"])
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} b={b}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                rows.append([b, name, "any", "error", "", ""])
+            print("  " + " | ".join(str(x) for x in rows[-1]), flush=True)
+        for t in contexts:
+            if b * t * h * d * 2 * 2 > 16 * 2**30:
+                continue
+            impl = "cudnn" if jax.default_backend() == "gpu" else None
+            try:
+                kc = jax.random.normal(ks[0], (b, t, h, d)).astype(dtype)
+                vc = jax.random.normal(ks[1], (b, t, h, d)).astype(dtype)
+                attend = softmax_decode_steps(impl)
+                try:
+                    jax.block_until_ready(attend(qs, kc, vc))
+                except Exception:  # noqa: BLE001 - cuDNN may not take a single query: plain XLA then
+                    impl = None
+                    attend = softmax_decode_steps(impl)
+                    jax.block_until_ready(attend(qs, kc, vc))
+                sec = timeit(lambda: attend(qs, kc, vc), warmup=1, repeat=5) / DECODE_STEPS
+                nbytes = 2 * b * t * h * d * jnp.dtype(dtype).itemsize
+                rows.append([b, f"softmax ({impl or 'xla'}), KV cache", t, f"{sec * 1e6:.1f}",
+                             f"{nbytes / sec / 1e9:.0f}", f"{100 * nbytes / sec / peak_bw:.0f}%"])
+            except Exception as e:  # noqa: BLE001
+                print(f"  softmax decode b={b} T={t}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                rows.append([b, "softmax, KV cache", t, "error", "", ""])
+            print("  " + " | ".join(str(x) for x in rows[-1]), flush=True)
+    print(f"\ndecode, {h} heads x {d}, {jnp.dtype(dtype).name} q/k/v, fp32 lightning state; time per step "
+          f"({DECODE_STEPS} steps in one jit); GB/s = state read+write (lightning) / KV-cache read (softmax)")
+    print(table(["batch", "implementation", "context", "us/step", "GB/s", "% peak GB/s"], rows))
+
+
+@section("Pallas tiling sweep")
+def sweep(t, heads, head_dim, peak_flops, dtype=jnp.bfloat16):
+    b, h, d = 1, heads, head_dim
+    q, k, v, slope, s0 = inputs(b, t, h, d, dtype)
+    base = choose_tiling(t, d, d, batch=b, heads=h)
+    print("default:", base)
+    variants = [dict(), dict(num_warps=8), dict(block_v=128, num_warps=8), dict(num_segments=1),
+                dict(num_segments=base.num_segments * 2), dict(block_t=32), dict(block_t=128, num_warps=8),
+                dict(block_v=32), dict(num_stages=3)]
+    with_backward = variants[:3]  # fwd+bwd only for the likeliest defaults (compiles cost ~10 s each)
+    rows = []
+    for over in variants:
+        tiling = choose_tiling(t, d, d, batch=b, heads=h, **over)
+        for backward in (False, True) if over in with_backward else (False,):
+            fn = functools.partial(lightning_attention_pallas, tiling=tiling)
+            try:
+                f = (forward_backward_fn if backward else forward_fn)(fn)
+                sec = timeit(lambda: f(q, k, v, slope, s0), warmup=1, repeat=5)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {over} {'fwd+bwd' if backward else 'fwd'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            flops = lightning_flops(b, t, h, d, backward=backward)
+            row = [str(over or "default"), tiling.block_t, tiling.block_v, tiling.num_warps, tiling.num_stages,
+                   tiling.num_segments, "fwd+bwd" if backward else "fwd", f"{sec * 1e3:.3f}",
+                   f"{flops / sec / 1e12:.3g}", f"{100 * flops / sec / peak_flops:.0f}%"]
+            rows.append(row)
+            print("  " + " | ".join(str(x) for x in row), flush=True)
+    print(f"\nPallas tilings at T={t}, batch {b}, {h} heads x {d}, {jnp.dtype(dtype).name}")
+    print(table(["override", "block_t", "block_v", "warps", "stages", "segments", "pass", "ms", "TFLOP/s",
+                 "% peak"], rows))
+
+
+@section("flash-linear-attention chunk_simple_gla (torch)")
+def bench_fla(lengths, heads, head_dim):
+    import torch
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    dev = "cuda"
+    print("torch", torch.__version__, "| fla from", sys.modules["fla"].__file__)
+    # Same function: g_gamma = log λ = −slope, scale = 1 (checked against the JAX reference on CPU).
+    # (bf16 at the benchmark's head shape, so fla autotunes its kernels once for both.)
+    b, t, h, d = 1, 300, heads, head_dim
+    q, k, v, slope, s0 = inputs(b, t, h, d, jnp.bfloat16, seed=1)
+    ref_out, ref_final = jax.jit(reference.lightning_attention_naive)(
+        *(x.astype(jnp.float32) for x in (q, k, v)), slope, s0)
+    tq, tk, tv = (torch.tensor(np.asarray(x.astype(jnp.float32)), device=dev).bfloat16() for x in (q, k, v))
+    ts0 = torch.tensor(np.asarray(s0), device=dev)
+    g_gamma = -torch.tensor(np.asarray(slope), device=dev)
+    o, ht = chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0, initial_state=ts0, output_final_state=True)
+    print(f"fla vs JAX reference (bf16 inputs, T={t}, max|err|/max|ref|): out "
+          f"{rel_err(o.float().cpu().numpy(), ref_out):.2e}, state {rel_err(ht.float().cpu().numpy(), ref_final):.2e}")
+
+    def cuda_time(fn, repeat=5):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return float(np.median(times))
+
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    peak = 2 * 8192**3 / cuda_time(lambda: a @ a)
+    print(f"torch matmul 8192^3 bf16: {peak / 1e12:.3g} TFLOP/s")
+    del a
+    rows = []
+    h, d = heads, head_dim
+    g_gamma = -torch.tensor(m1_slopes(h), device=dev)
+    for t in lengths:
+        tq, tk, tv = (torch.randn(1, t, h, d, device=dev, dtype=torch.bfloat16) * s
+                      for s in (d ** -0.5, d ** -0.5, 1.0))
+        ts0 = torch.randn(1, h, d, d, device=dev, dtype=torch.float32)
+        for backward in (False, True):
+            def run():
+                xs = [x.detach().requires_grad_(backward) for x in (tq, tk, tv, ts0)]
+                o, ht = chunk_simple_gla(*xs[:3], g_gamma=g_gamma, scale=1.0, initial_state=xs[3],
+                                         output_final_state=True)
+                if backward:
+                    (o.float().sum() + ht.sum()).backward()
+            try:
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                sec = cuda_time(run)
+            except Exception as e:  # noqa: BLE001
+                print(f"  fla T={t}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            flops = lightning_flops(1, t, h, d, backward=backward)
+            row = [t, "fla chunk_simple_gla", "fwd+bwd" if backward else "fwd", f"{sec * 1e3:.3f}",
+                   f"{flops / sec / 1e12:.3g}", f"{100 * flops / sec / peak:.0f}%", f"{first:.1f}"]
+            rows.append(row)
+            print("  " + " | ".join(str(x) for x in row), flush=True)
+    print(f"\nfla baseline, batch 1, {h} heads x {d}, bf16 (same FLOP count as the Pallas table)")
+    print(table(["T", "implementation", "pass", "ms", "TFLOP/s", "% peak FLOP/s", "first call s"], rows))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="small sizes (implied on CPU)")
+    ap.add_argument("--check", action="store_true", help="compiled correctness checks first")
+    ap.add_argument("--sweep", action="store_true", help="Pallas tiling sweep")
+    ap.add_argument("--no-bench", action="store_true", help="skip the prefill/decode tables")
+    ap.add_argument("--fla", action="store_true", help="only the flash-linear-attention baseline (torch)")
+    ap.add_argument("--lengths", default=None, help="comma-separated T, default 1024,4096,16384,65536")
+    args = ap.parse_args()
+    small = args.small or jax.default_backend() == "cpu"
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
+        [256, 1024] if small else [1024, 4096, 16384, 65536])
+    heads = 2 if small else M1_HEADS
+    print(f"# lightning attention kernels — {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.fla:
+        bench_fla(lengths, heads, M1_HEAD_DIM)
+        return
+    environment()
+    if args.check:
+        check()
+    if args.no_bench and not args.sweep:
+        return
+    measured = peaks(small) or (float("nan"), float("nan"))
+    peak_flops, peak_bw = measured
+    if not args.no_bench:
+        bench_prefill(lengths, heads, M1_HEAD_DIM, peak_flops, peak_bw)
+        bench_decode([1, 16] if small else [1, 128], [lengths[-1]] if small else [4096, 65536], heads,
+                     M1_HEAD_DIM, peak_bw)
+    if args.sweep:
+        sweep(lengths[-1] if small else 16384, heads, M1_HEAD_DIM, peak_flops)
+
+
+if __name__ == "__main__":
+    main()
