@@ -16,8 +16,10 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.modules.norm import rms_norm
+from m1jax.sharding import logical_to_spec
 from m1jax.weights import DTYPE, param
 from pallas_kernels import lightning_attention, lightning_decode
+from pallas_kernels.lightning import resolve_impl
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -37,6 +39,34 @@ def layer_slopes(num_heads: int, layer_idx: int, num_layers: int) -> np.ndarray:
     """Per-head decay rates s of global layer l: fp32(alibi) · (1 − l/(L−1) + 1e-5), computed in fp32 like RC."""
     factor = 1 - layer_idx / (num_layers - 1) + 1e-5 if num_layers > 1 else 1 + 1e-5
     return np.asarray(alibi_slopes(num_heads), dtype=np.float32) * np.float32(factor)
+
+
+def per_shard(fn, impl: str, *args_and_axes):
+    """`fn(*arrays)` — under an active mesh with the Pallas implementation, run per shard with `jax.shard_map`
+    (sharded over batch and heads by the rules table), since XLA cannot partition a Pallas call. Each argument
+    is `(array or None, logical axes)`; outputs are (out, state) with the axes of the first argument and of
+    the state."""
+    mesh = jax.sharding.get_abstract_mesh()
+    arrays = [a for a, _ in args_and_axes]
+    if mesh is None or mesh.empty or resolve_impl(impl) != "pallas":
+        return fn(*arrays)
+    present = [(a, ax) for a, ax in args_and_axes if a is not None]
+    specs = tuple(logical_to_spec(ax, a.shape, mesh) for a, ax in present)
+    b, h, d = arrays[0].shape[0], arrays[3].shape[0], arrays[0].shape[-1]
+    state_spec = logical_to_spec(("batch", "heads", None, None), (b, h, d, arrays[2].shape[-1]), mesh)
+    mask = [a is not None for a in arrays]
+
+    def local(*xs):
+        it = iter(xs)
+        return fn(*[next(it) if m else None for m in mask])
+
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(specs[0], state_spec), check_vma=False)(
+        *[a for a, _ in present])
+
+
+QKV_AXES = ("batch", None, "heads", None)
+TOKEN_AXES = ("batch", "heads", None)
+STATE_AXES = ("batch", "heads", None, None)
 
 
 class LightningAttention(nnx.Module):
@@ -74,21 +104,28 @@ class LightningAttention(nnx.Module):
             v = jnp.where(keep, v, 0).astype(dt)
         slope_H = jnp.asarray(self.slopes)
         if x_BxLxD.shape[1] == 1 and state_BxHxDxD is not None:
-            o, state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slope_H, state_BxHxDxD, impl=c.lightning_impl)
+            o, state = per_shard(lambda *a: lightning_decode(*a, impl=c.lightning_impl), c.lightning_impl,
+                                 (q[:, 0], TOKEN_AXES), (k[:, 0], TOKEN_AXES), (v[:, 0], TOKEN_AXES),
+                                 (slope_H, ("heads",)), (state_BxHxDxD, STATE_AXES))
             if valid_BxL is not None:  # a padding step leaves the state untouched
                 state = jnp.where(valid_BxL[:, 0, None, None, None], state, state_BxHxDxD)
             o_BxLxHxD = o[:, None]
         elif state_BxHxDxD is not None and valid_BxL is not None:
             o_BxLxHxD, state = self._continue_left_padded(q, k, v, slope_H, state_BxHxDxD, valid_BxL)
         else:
-            o_BxLxHxD, state = lightning_attention(q, k, v, slope_H, state_BxHxDxD, block_size=c.block_size,
-                                                   impl=c.lightning_impl)
+            o_BxLxHxD, state = self._prefill(q, k, v, slope_H, state_BxHxDxD)
         b, l, h, _ = o_BxLxHxD.shape
         o_BxLxHD = rms_norm(o_BxLxHxD.astype(dt).reshape(b, l, h * hd), self.norm[...].reshape(h * hd),
                             c.lightning_norm_eps)
         gate_BxLxHxD = jax.nn.sigmoid(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.output_gate[...].astype(dt)))
         y = jnp.einsum("blhk,hkd->bld", gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), self.out_proj[...].astype(dt))
         return y, state
+
+    def _prefill(self, q, k, v, slope_H, state):
+        c = self.config
+        return per_shard(lambda *a: lightning_attention(*a, block_size=c.block_size, impl=c.lightning_impl),
+                         c.lightning_impl, (q, QKV_AXES), (k, QKV_AXES), (v, QKV_AXES), (slope_H, ("heads",)),
+                         (state, STATE_AXES))
 
     def _continue_left_padded(self, q, k, v, slope_H, s0_BxHxDxD, valid_BxL):
         """Carry a state S₀ across a chunk whose row b starts with p_b padding tokens: the state skips them.
@@ -97,9 +134,8 @@ class LightningAttention(nnx.Module):
             o_t += λ^{t−p_b+1} q_t S₀  (t ≥ p_b),        S_L += λ^{L−p_b} S₀.
         Exponents are ≥ 0, so this is exact and stable for any amount of padding.
         """
-        c = self.config
         l = q.shape[1]
-        out, fin = lightning_attention(q, k, v, slope_H, None, block_size=c.block_size, impl=c.lightning_impl)
+        out, fin = self._prefill(q, k, v, slope_H, None)
         pad_B = l - jnp.sum(valid_BxL.astype(jnp.int32), axis=1)
         exp_BxL = (jnp.arange(l)[None, :] - pad_B[:, None] + 1).astype(jnp.float32)
         decay_BxLxH = jnp.where(exp_BxL[..., None] > 0, jnp.exp(-jnp.maximum(exp_BxL, 0.0)[..., None] * slope_H), 0.0)
