@@ -79,15 +79,27 @@ def _bucket(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------- jitted kernels
-@partial(jax.jit, static_argnums=(0,))
+_HOOKS: dict[int, Callable] = {}  # live host hooks, looked up by id so the compiled loop never changes
+
+
+def _call_hook(hook_id, step, tokens, active):
+    return _HOOKS[int(hook_id)](step, tokens, active)
+
+
+def _fresh(new, old):
+    """`new` with every leaf that is still one of `old`'s arrays copied (so donating `new` keeps `old` alive)."""
+    return jax.tree.map(lambda n, o: jnp.copy(n) if n is o else n, new, old)
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC):
     model = nnx.merge(graphdef, params)
     out = model(tokens_BxC, positions_BxL=positions_BxC, valid_BxL=valid_BxC, cache=cache, logits="last")
     return out.cache, out.logits[:, 0]
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _decode_loop(graphdef, host_hook, params, state: EngineState, sp: dict, max_steps):
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode_loop(graphdef, use_hook: bool, params, state: EngineState, sp: dict, max_steps, hook_id):
     """Sample → record → stop checks → feed the token back, until every row finished or `max_steps`."""
     b = state.batch_size
     cap = sp["out_capacity"].shape[0]
@@ -112,8 +124,8 @@ def _decode_loop(graphdef, host_hook, params, state: EngineState, sp: dict, max_
         rep = jnp.where(slp > jnp.log(sp["rep_tau_B"]), rep + 1, 0)
         rep_hit = (sp["rep_n_B"] > 0) & (rep >= sp["rep_n_B"])
         length_hit = n_gen >= sp["max_new_B"]
-        if host_hook is not None:
-            string_hit = io_callback(host_hook, jax.ShapeDtypeStruct((b,), jnp.bool_), step, tok, active,
+        if use_hook:
+            string_hit = io_callback(_call_hook, jax.ShapeDtypeStruct((b,), jnp.bool_), hook_id, step, tok, active,
                                      ordered=True)
         else:
             string_hit = jnp.zeros((b,), bool)
@@ -181,11 +193,12 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompts: Sequence[Sequence[int]], *, state: EngineState | None = None,
-                reserve: int = 256) -> EngineState:
+                reserve: int = 256, consume_state: bool = False) -> EngineState:
         """Run `prompts` (one token list per sequence) through the model, appending to `state` if given.
 
         Rows are left-padded to a common chunked length; `reserve` extra cache slots are allocated for the
-        tokens generated next (the cache grows later if needed).
+        tokens generated next (the cache grows later if needed). The given `state` stays usable (e.g. to ask
+        several questions about one prefilled document) unless `consume_state=True` lets its buffers be reused.
         """
         rows = self._check_prompts(prompts, allow_empty=state is not None)
         b = len(rows)
@@ -214,6 +227,8 @@ class Engine:
             logits = jnp.zeros((b, self.config.vocab_size), jnp.float32)
         else:
             cache = grow_cache(state.cache, int(state.cache.length) + padded + reserve)
+            if not consume_state:
+                cache = _fresh(cache, state.cache)
             logits = state.next_logits_BxV
         for s in range(0, padded, chunk):
             cache, last = _forward_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens[:, s:s + chunk]),
@@ -224,12 +239,13 @@ class Engine:
 
     # ------------------------------------------------------------------- decode
     def decode(self, state: EngineState, sampling: SamplingParams | Sequence[SamplingParams], *,
-               callback: Callable | None = None, prompt_tokens: Sequence[int] | None = None
-               ) -> tuple[list[GenerationResult], EngineState]:
+               callback: Callable | None = None, prompt_tokens: Sequence[int] | None = None,
+               consume_state: bool = False) -> tuple[list[GenerationResult], EngineState]:
         """Generate from `state` with one `SamplingParams` for all rows or one per row.
 
         `callback(step, tokens [B], active [B])` is called on the host after every step (streaming).
-        Returns the results and the state after the last generated token.
+        Returns the results and the state after the last generated token (finished rows stop changing their
+        state after their last token). `state` stays usable unless `consume_state=True`.
         """
         b = state.batch_size
         params = [sampling] * b if isinstance(sampling, SamplingParams) else list(sampling)
@@ -240,8 +256,8 @@ class Engine:
         if room > self.max_len:
             raise GenerationError(f"prompt + max_new_tokens = {room} positions exceeds the configured maximum "
                                   f"{self.max_len}")
-        cache = grow_cache(state.cache, int(state.cache.length) + max_new)
-        state = state.replace(cache=cache)
+        grown = state.replace(cache=grow_cache(state.cache, int(state.cache.length) + max_new))
+        state = grown if consume_state else _fresh(grown, state)
         eos = tuple(self.config.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos = tuple(sorted(set(eos) | {int(self.tokenizer.eos_token_id)}))
@@ -266,8 +282,16 @@ class Engine:
             else None
         if hook is not None and any(p.stop_strings for p in params) and self.tokenizer is None:
             raise GenerationError("stop_strings need a tokenizer (Engine(model, tokenizer))")
-        (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
-            self.graphdef, hook, self.params, state, sp, jnp.asarray(max_new, jnp.int32))
+        hook_id = id(hook) % (2**31)
+        if hook is not None:
+            _HOOKS[hook_id] = hook
+        try:
+            (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
+                self.graphdef, hook is not None, self.params, state, sp, jnp.asarray(max_new, jnp.int32),
+                jnp.asarray(hook_id, jnp.int32))
+            toks = np.asarray(toks)  # waits for the loop (and its host callbacks) to finish
+        finally:
+            _HOOKS.pop(hook_id, None)
         toks, lps, slps = np.asarray(toks), np.asarray(lps), np.asarray(slps)
         n_gen, reason = np.asarray(n_gen), np.asarray(reason)
         results = []
@@ -290,7 +314,8 @@ class Engine:
         params = [sampling] * len(rows) if isinstance(sampling, SamplingParams) else list(sampling)
         reserve = max(p.max_new_tokens for p in params) if params else 1
         state = self.prefill(rows, reserve=reserve)
-        results, _ = self.decode(state, params, callback=callback, prompt_tokens=[len(r) for r in rows])
+        results, _ = self.decode(state, params, callback=callback, prompt_tokens=[len(r) for r in rows],
+                                 consume_state=True)
         return results
 
 
@@ -320,12 +345,6 @@ class _HostHook:
         if self.callback is not None:
             self.callback(int(step), tokens, active)
         return hit
-
-    def __hash__(self):
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
 
 
 def grow_cache(cache: Cache, needed: int) -> Cache:

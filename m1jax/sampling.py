@@ -92,7 +92,10 @@ def sample_tokens(keys_Bx2: jax.Array, logits_BxV: jax.Array, temperature_B, top
     """Sample one token per row. Returns (tokens `[B]` int32, model log-prob `[B]` (log-softmax of the raw fp32
     logits), sampling log-prob `[B]` (under the filtered distribution sampled from; greedy rows: the model's))."""
     raw = logits_BxV.astype(jnp.float32)
-    filtered = filter_logits(raw, temperature_B, top_k_B, top_p_B, min_p_B)
+    needs_filter = jnp.any(top_k_B > 0) | jnp.any(top_p_B < 1.0) | jnp.any(min_p_B > 0)
+    scale = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    filtered = jax.lax.cond(needs_filter, lambda: filter_logits(raw, temperature_B, top_k_B, top_p_B, min_p_B),
+                            lambda: raw / scale)
     sampled = jax.vmap(lambda key, z: jax.random.categorical(key, z))(keys_Bx2, filtered)
     greedy = jnp.argmax(raw, axis=-1)
     tokens = jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
