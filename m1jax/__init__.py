@@ -21,6 +21,12 @@ _EXPORTS = {
     "Tokenizer": "m1jax.tokenizer",
     "apply_chat_template": "m1jax.chat",
     "parse_output": "m1jax.chat",
+    "generate": "m1jax.generation",
+    "generate_text": "m1jax.generation",
+    "Engine": "m1jax.generation",
+    "SamplingParams": "m1jax.sampling",
+    "save_state": "m1jax.generation",
+    "load_state": "m1jax.generation",
 }
 
 __all__ = sorted(_EXPORTS)
