@@ -6,8 +6,10 @@ layer order, so names are always resolved through `model.safetensors.index.json`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,11 @@ from m1jax.config import ModelConfig
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+MAX_LISTED = 50  # problems listed in one error message (the count is always complete)
+# Files of an HF model directory that travel with the weights through convert and export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_GLOBS = ("*.model",)
 
 
 class CheckpointError(ValueError):
@@ -99,9 +106,28 @@ class HFCheckpoint:
                 problems.append(f"tensor {name!r} in {self.weight_map[name]} has dtype {info.dtype}, expected "
                                 f"a float dtype {FLOAT_DTYPES}")
         if problems:
+            shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                             if len(problems) > MAX_LISTED else [])
             raise CheckpointError(f"checkpoint {self.path} does not match its config ({len(problems)} problem"
-                                  f"{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems))
+                                  f"{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(shown))
         return param_specs(self.config, self.layout)
+
+    def map_tensor(self, name: str) -> np.ndarray:
+        """A fresh memory map of one tensor (see `SafetensorsFile.map_tensor`)."""
+        return self.files[self.weight_map[name]].map_tensor(name)
+
+    def fingerprint(self) -> dict:
+        """What identifies this source for a resumed conversion: config and index bytes, and per shard its
+        size, mtime and header hash (a re-downloaded or edited shard changes at least one of them)."""
+        def sha(path: Path) -> str | None:
+            return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+        return {
+            "config.json": sha(self.path / "config.json"),
+            INDEX: sha(self.path / INDEX),
+            "shards": {name: {"size": f.size, "mtime_ns": f.path.stat().st_mtime_ns, "header_sha256": f.header_sha256}
+                       for name, f in sorted(self.files.items())},
+        }
 
     def main_dtype(self) -> str:
         """The most common float dtype among the tensors by bytes ("bfloat16" for the real M1 repo)."""
@@ -111,3 +137,23 @@ class HFCheckpoint:
             totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
         top = max(totals, key=totals.get) if totals else "F32"
         return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(top, "float32")
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The tokenizer / generation files present in `directory` (see `TOKENIZER_FILES`)."""
+    directory = Path(directory)
+    found = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    for pattern in TOKENIZER_GLOBS:
+        found += sorted(p for p in directory.glob(pattern) if p.is_file())
+    return found
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer / generation files of `src` into `dst` (each atomically); return their names."""
+    names = []
+    for path in tokenizer_files(src):
+        tmp = Path(dst) / f".{path.name}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, Path(dst) / path.name)
+        names.append(path.name)
+    return names

@@ -6,7 +6,8 @@ logical axes, the HF tensors it comes from, and two pure transforms:
 * `view(sources)` — a lazy view of the JAX parameter over the (memory-mapped) HF tensors: transposes and
   axis splits of an `[out, in]` PyTorch weight are numpy views, and expert stacks are `ExpertStack`s, so
   slicing reads only the requested region (no full host copy of a parameter).
-* `to_hf(array)` — the HF tensors (original layout) of a JAX parameter, for export.
+* `to_hf(array)` — the HF tensors (original layout) of a JAX parameter, for export; `hf_tensors(read)` yields
+  them reading only what each needs (an original-layout expert stack, `stacked=True`, one expert at a time).
 
 Two HF layouts are read: the original remote-code one (`block_sparse_moe.experts.E.w1/w2/w3`,
 `block_sparse_moe.gate`) and the transformers-native one (`mlp.experts.gate_up_proj` [E, 2F, D] with gate
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convert.array_copy import contiguous_copy, copy_into
 from m1jax.config import LIGHTNING, ModelConfig
 
 ORIGINAL = "original"
@@ -42,8 +44,16 @@ class ExpertStack:
             index = (slice(None),) * (len(self.shape) - len(index) + 1) + index[1:]
         first, rest = (index[0], index[1:]) if index else (slice(None), ())
         if isinstance(first, (int, np.integer)):
-            return np.asarray(self.views[first][rest])
-        return np.stack([np.asarray(v[rest]) for v in self.views[first]])
+            return contiguous_copy(self.views[first][rest])
+        selected = self.views[first]
+        if not selected:
+            rest_shape = np.broadcast_to(np.zeros((), np.uint8), self.shape[1:])[rest].shape
+            return np.empty((0, *rest_shape), self.dtype)
+        parts = [v[rest] for v in selected]
+        out = np.empty((len(parts), *parts[0].shape), self.dtype)
+        for k, part in enumerate(parts):
+            copy_into(out[k], np.asarray(part))
+        return out
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]
@@ -59,6 +69,18 @@ class ParamSpec:
     view: Callable  # list of HF arrays (same order as sources) -> lazy JAX-layout view
     to_hf: Callable  # JAX array -> {hf name: array in the ORIGINAL layout}
     fp32: bool = False  # always stored/computed in fp32 (router gate)
+    stacked: bool = False  # sources[x] is the JAX slice [x], transposed (original-layout expert stacks)
+
+    def hf_tensors(self, read):
+        """Yield `(hf name, array)` in the original layout, `read(index)` giving a JAX-layout region.
+
+        A stacked parameter is read one expert at a time (`read((x,))`), never as a whole stack.
+        """
+        if self.stacked:
+            for x, name in enumerate(self.sources):
+                yield name, np.asarray(read((x,))).T
+        else:
+            yield from self.to_hf(read(())).items()
 
 
 def _t(a):
@@ -135,7 +157,7 @@ def param_specs(config: ModelConfig, layout: str = ORIGINAL) -> list[ParamSpec]:
             for w, shape, src in (("w1", (e, d, f), (f, d)), ("w3", (e, d, f), (f, d)), ("w2", (e, f, d), (d, f))):
                 specs.append(ParamSpec((*m, w), shape, w_names[w], (src,) * e,
                                        lambda s: ExpertStack([x.T for x in s]),
-                                       lambda a, names=w_names[w]: experts_to_hf(a, names)))
+                                       lambda a, names=w_names[w]: experts_to_hf(a, names), stacked=True))
         else:
             gu, dn = f"{p}.mlp.experts.gate_up_proj", f"{p}.mlp.experts.down_proj"
             specs.append(ParamSpec((*m, "w1"), (e, d, f), (gu,), ((e, 2 * f, d),),

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.set_defaults(func=cmd_generate)
+    from convert.cli import add_subcommands
+    add_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,73 @@
+"""The `m1jax convert` and `m1jax export` subcommands (registered into m1jax's parser by `add_subcommands`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _user_errors(fn):
+    """Run a handler, turning conversion errors into `m1jax.cli.UserError` (one message, exit code 2)."""
+    def run(args) -> int:
+        from convert.errors import USER_ERRORS
+        from m1jax.cli import UserError
+
+        try:
+            return fn(args)
+        except USER_ERRORS as e:
+            raise UserError(str(e)) from None
+    return run
+
+
+@_user_errors
+def cmd_convert(args) -> int:
+    """HF checkpoint directory → m1jax checkpoint (orbax parameters + config + tokenizer files)."""
+    from convert.hf_to_m1jax import BLOCK_BYTES, convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, workers=args.workers, progress=not args.quiet,
+                             block_bytes=args.block_bytes or BLOCK_BYTES)
+    if not args.quiet:
+        print(f"m1jax checkpoint written to {dst}")
+    return 0
+
+
+@_user_errors
+def cmd_export(args) -> int:
+    """m1jax checkpoint → HF safetensors in the original MiniMax-M1 layout."""
+    from convert.m1jax_to_hf import export_checkpoint
+
+    dst = export_checkpoint(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
+                            progress=not args.quiet)
+    if not args.quiet:
+        print(f"HF checkpoint written to {dst}")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register `convert` and `export` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "convert", help="HF safetensors checkpoint → m1jax (orbax) checkpoint, streaming and resumable",
+        description="Convert an HF MiniMax checkpoint (original or transformers-native layout) into an m1jax "
+                    "checkpoint: orbax parameters, config.json and tokenizer files. Everything is validated "
+                    "before anything is written; an interrupted run resumes when rerun with the same arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("dst", help="output directory (absent, empty, or an interrupted conversion to resume)")
+    p.add_argument("--dtype", default="bfloat16", help="storage dtype of the weights (router gates stay float32)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="parallel reader/writer threads")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--block-bytes", type=int, default=None, help=argparse.SUPPRESS)  # tests: many small commits
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser(
+        "export", help="m1jax checkpoint → HF safetensors (original MiniMax-M1 layout)",
+        description="Export a converted m1jax checkpoint as an HF checkpoint in the original MiniMax-M1 layout "
+                    "(block_sparse_moe.experts.E.w1/w2/w3, fp32 router gates), loadable by transformers and vLLM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="m1jax checkpoint directory written by `m1jax convert`")
+    p.add_argument("dst", help="output directory (absent or empty)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the weights (router gates stay float32)")
+    p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB, 2GiB")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,99 @@
+"""A converted m1jax checkpoint directory: what it contains, how to tell a complete one, how to read it.
+
+    DST/config.json               the source config.json, byte for byte
+    DST/tokenizer.json, ...       the source's tokenizer / generation files
+    DST/params/                   an orbax checkpoint of the NNX parameter state (see `orbax_store`)
+    DST/m1jax_checkpoint.json     the commit marker, written last: format, dtype, parameters, source fingerprint
+    DST/.m1jax-convert-journal.jsonl   only while a conversion is unfinished (removed after the marker is written)
+
+A directory without the marker is never read as a checkpoint: if it carries a journal or `params/`, it is an
+interrupted conversion and every reader refuses it with `IncompleteCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from convert.errors import IncompleteCheckpointError
+from convert.hf_checkpoint import CheckpointError
+from convert.hf_layout import ORIGINAL, param_specs
+from convert.orbax_store import ArrayView, OrbaxArrayStore, array_key
+from m1jax.config import ModelConfig
+
+MARKER = "m1jax_checkpoint.json"
+PARAMS = "params"
+JOURNAL = ".m1jax-convert-journal.jsonl"
+FORMAT = "m1jax-orbax-checkpoint"
+FORMAT_VERSION = 1
+
+COMPLETE, INCOMPLETE, ABSENT, EMPTY, OTHER = "complete", "incomplete", "absent", "empty", "other"
+
+
+def directory_state(path: str | os.PathLike) -> str:
+    """"complete" (marker present), "incomplete" (journal or params/ without marker), "absent", "empty" or
+    "other" (anything else, e.g. an HF checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return ABSENT
+    if not path.is_dir():
+        return OTHER
+    if (path / MARKER).is_file():
+        return COMPLETE
+    if (path / JOURNAL).exists() or (path / PARAMS).exists():
+        return INCOMPLETE
+    return EMPTY if not any(path.iterdir()) else OTHER
+
+
+def incomplete_message(path: Path) -> str:
+    return (f"{path} holds an incomplete m1jax conversion (no {MARKER} commit marker: the conversion was "
+            f"interrupted or is still running); rerun `m1jax convert SRC {path}` with the same arguments to "
+            f"finish it")
+
+
+class M1jaxCheckpoint:
+    """A complete converted checkpoint: `config`, `dtype` (storage dtype), `marker`, and lazy parameter views."""
+
+    def __init__(self, path: str | os.PathLike, **runtime):
+        self.path = Path(path)
+        state = directory_state(self.path)
+        if state == INCOMPLETE:
+            raise IncompleteCheckpointError(incomplete_message(self.path))
+        if state != COMPLETE:
+            raise CheckpointError(f"{self.path}: not an m1jax checkpoint (no {MARKER})")
+        try:
+            self.marker = json.loads((self.path / MARKER).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path / MARKER}: unreadable commit marker ({e})") from None
+        if self.marker.get("format") != FORMAT or self.marker.get("version") != FORMAT_VERSION:
+            raise CheckpointError(f"{self.path / MARKER}: unsupported format {self.marker.get('format')!r} "
+                                  f"version {self.marker.get('version')!r} (this m1jax reads {FORMAT} "
+                                  f"version {FORMAT_VERSION})")
+        self.config = ModelConfig.from_json_file(self.path / "config.json", **runtime)
+        self.dtype = self.marker["dtype"]
+        self.store = OrbaxArrayStore(self.path / PARAMS)
+
+    @property
+    def params_dir(self) -> Path:
+        return self.path / PARAMS
+
+    def views(self, config: ModelConfig | None = None) -> dict[tuple, ArrayView]:
+        """`{NNX param path: lazy view}` for every parameter of `config`; raises `CheckpointError` listing every
+        missing or mis-shaped parameter at once."""
+        config = config or self.config
+        stored = self.marker.get("parameters", {})
+        problems, views = [], {}
+        for spec in param_specs(config, ORIGINAL):
+            key = array_key(spec.path)
+            if key not in stored:
+                problems.append(f"missing parameter {key!r} (expected shape {list(spec.shape)})")
+            elif tuple(stored[key]["shape"]) != spec.shape:
+                problems.append(f"parameter {key!r} has shape {stored[key]['shape']}, config implies "
+                                f"{list(spec.shape)}")
+            else:
+                views[spec.path] = ArrayView(self.store, key)
+        if problems:
+            raise CheckpointError(f"m1jax checkpoint {self.path} does not match its config ({len(problems)} "
+                                  f"problem{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems[:50]))
+        return views
