@@ -8,6 +8,9 @@ peak matmul FLOP/s and copy GB/s measured in the same run. Sections (run in this
     --sweep      Pallas tilings (block_t, block_v, warps, segments) at one length, for tuning `tiling.py`
     --fla        flash-linear-attention's `chunk_simple_gla` (torch/Triton) at the same shapes; run it in its
                  own process (JAX_PLATFORMS=cpu) so JAX does not hold the GPU memory
+    --v2-check / --v2-bench / --combine    the sections of `benchmarks/device_check_v2.sh` (chunk-parallel
+                 forward: correctness, timings vs the sequential forward and XLA, tiling variants; results
+                 appended to `--json` files, tables with ratios vs fla printed by `--combine`)
 
     python benchmarks/lightning_kernels.py [--small] [--check] [--sweep] [--no-bench] [--fla]
 
@@ -21,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
 import traceback
 
+PROCESS_START = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--fla" in sys.argv:  # torch owns the GPU there; JAX (the reference check) stays on the CPU
+if "--fla" in sys.argv or "--combine" in sys.argv:  # torch owns the GPU there; JAX (reference check) on the CPU
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -102,6 +107,19 @@ def rel_err(x, ref) -> float:
 def lightning_impl(impl: str):
     def fn(q, k, v, slope, s0):
         return api.lightning_attention(q, k, v, slope, s0, impl=impl)
+    return fn
+
+
+# The sequential forward's best setting in the H100 tiling sweep at T = 16384 (1.30–1.31 ms).
+SEQUENTIAL_BEST = dict(algorithm="sequential", block_v=128, num_warps=8, num_segments=1)
+
+
+def pallas_tiling_impl(**overrides):
+    """Pallas with `choose_tiling(..., **overrides)` for the traced shapes (compiled off CPU)."""
+    def fn(q, k, v, slope, s0):
+        b, t, h, d = q.shape
+        tiling = choose_tiling(t, d, v.shape[-1], batch=b, heads=h, **overrides)
+        return lightning_attention_pallas(q, k, v, slope, s0, tiling=tiling)
     return fn
 
 
@@ -254,7 +272,8 @@ def check():
 @section("prefill: forward and forward+backward")
 def bench_prefill(lengths, heads, head_dim, peak_flops, peak_bw, dtype=jnp.bfloat16):
     b, h, d = 1, heads, head_dim
-    impls = [("pallas", lightning_impl("pallas")), ("xla (blocked)", lightning_impl("xla"))]
+    impls = [("pallas", lightning_impl("pallas")), ("pallas sequential", pallas_tiling_impl(**SEQUENTIAL_BEST)),
+             ("xla (blocked)", lightning_impl("xla"))]
     rows = []
     for t in lengths:
         softmax = softmax_available(t, h, d)
@@ -364,10 +383,10 @@ def sweep(t, heads, head_dim, peak_flops, dtype=jnp.bfloat16):
     q, k, v, slope, s0 = inputs(b, t, h, d, dtype)
     base = choose_tiling(t, d, d, batch=b, heads=h)
     print("default:", base)
-    variants = [dict(), dict(num_warps=8), dict(block_v=128, num_warps=8), dict(num_segments=1),
-                dict(num_segments=base.num_segments * 2), dict(block_t=32), dict(block_t=128, num_warps=8),
-                dict(block_v=32), dict(num_stages=3)]
-    with_backward = variants[:3]  # fwd+bwd only for the likeliest defaults (compiles cost ~10 s each)
+    seq = dict(algorithm="sequential")
+    variants = [dict(), *CHUNK_VARIANTS, seq, dict(seq, block_v=128, num_warps=8),
+                dict(seq, block_v=128, num_warps=8, num_segments=1), dict(seq, block_t=32)]
+    with_backward = [variants[0], variants[-3]]  # fwd+bwd only for the likeliest defaults (compiles ~10 s each)
     rows = []
     for over in variants:
         tiling = choose_tiling(t, d, d, batch=b, heads=h, **over)
@@ -380,83 +399,369 @@ def sweep(t, heads, head_dim, peak_flops, dtype=jnp.bfloat16):
                 print(f"  {over} {'fwd+bwd' if backward else 'fwd'}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             flops = lightning_flops(b, t, h, d, backward=backward)
-            row = [str(over or "default"), tiling.block_t, tiling.block_v, tiling.num_warps, tiling.num_stages,
-                   tiling.num_segments, "fwd+bwd" if backward else "fwd", f"{sec * 1e3:.3f}",
+            row = [str(over or "default"), tiling.algorithm, tiling.block_t, tiling.block_v, tiling.num_warps,
+                   tiling.num_segments, tiling.state_chunk, "fwd+bwd" if backward else "fwd", f"{sec * 1e3:.3f}",
                    f"{flops / sec / 1e12:.3g}", f"{100 * flops / sec / peak_flops:.0f}%"]
             rows.append(row)
             print("  " + " | ".join(str(x) for x in row), flush=True)
     print(f"\nPallas tilings at T={t}, batch {b}, {h} heads x {d}, {jnp.dtype(dtype).name}")
-    print(table(["override", "block_t", "block_v", "warps", "stages", "segments", "pass", "ms", "TFLOP/s",
-                 "% peak"], rows))
+    print(table(["override", "algorithm", "block_t", "block_v", "warps", "segments", "state_chunk", "pass", "ms",
+                 "TFLOP/s", "% peak"], rows))
+
+
+def torch_standin_simple_gla(q, k, v, g_gamma, scale, initial_state, output_final_state):
+    """CPU stand-in for fla's `chunk_simple_gla` (same signature subset and math; the blocked algorithm in torch,
+    C = 64), so that `--fla --small` exercises the benchmark code where there is no GPU / Triton."""
+    import torch
+
+    b, t, h, d = q.shape
+    lam = torch.exp(g_gamma.float())  # λ per head
+    state = initial_state.float().clone()
+    out = torch.empty(b, t, h, v.shape[-1], dtype=q.dtype)
+    c = 64
+    for s in range(0, t, c):
+        qi, ki, vi = (x[:, s:s + c].float().transpose(1, 2) for x in (q, k, v))  # [b, h, m, d]
+        m = qi.shape[2]
+        i = torch.arange(m, dtype=torch.float32)
+        diff = i[:, None] - i[None, :]
+        lam_h = lam[:, None, None]
+        mask = torch.where(diff >= 0, lam_h ** diff.clamp(min=0), torch.zeros(()))
+        o = ((qi @ ki.transpose(-1, -2)) * scale * mask) @ vi + (qi * lam_h ** (i[:, None] + 1)) @ state * scale
+        out[:, s:s + m] = o.transpose(1, 2).to(q.dtype)
+        state = lam_h[None] ** m * state + (ki * lam_h ** (m - 1 - i[:, None])).transpose(-1, -2) @ vi
+    return out, (state if output_final_state else None)
 
 
 @section("flash-linear-attention chunk_simple_gla (torch)")
-def bench_fla(lengths, heads, head_dim):
+def bench_fla(lengths, heads, head_dim, *, warmup=1, repeat=5, fwd_only=False, log=None, standin=False):
+    """fla's chunk_simple_gla at `lengths` (the first call at the first length autotunes fla's kernels: put the
+    most important length first), then a small correctness check against the JAX reference on the CPU."""
     import torch
-    from fla.ops.simple_gla import chunk_simple_gla
 
-    dev = "cuda"
-    print("torch", torch.__version__, "| fla from", sys.modules["fla"].__file__)
-    # Same function: g_gamma = log λ = −slope, scale = 1 (checked against the JAX reference on CPU).
-    # (bf16 at the benchmark's head shape, so fla autotunes its kernels once for both.)
-    b, t, h, d = 1, 300, heads, head_dim
-    q, k, v, slope, s0 = inputs(b, t, h, d, jnp.bfloat16, seed=1)
-    ref_out, ref_final = jax.jit(reference.lightning_attention_naive)(
-        *(x.astype(jnp.float32) for x in (q, k, v)), slope, s0)
-    tq, tk, tv = (torch.tensor(np.asarray(x.astype(jnp.float32)), device=dev).bfloat16() for x in (q, k, v))
-    ts0 = torch.tensor(np.asarray(s0), device=dev)
-    g_gamma = -torch.tensor(np.asarray(slope), device=dev)
-    o, ht = chunk_simple_gla(tq, tk, tv, g_gamma=g_gamma, scale=1.0, initial_state=ts0, output_final_state=True)
-    print(f"fla vs JAX reference (bf16 inputs, T={t}, max|err|/max|ref|): out "
-          f"{rel_err(o.float().cpu().numpy(), ref_out):.2e}, state {rel_err(ht.float().cpu().numpy(), ref_final):.2e}")
+    log = log or ResultLog(None)
+    if standin:
+        chunk_simple_gla, dev = torch_standin_simple_gla, "cpu"
+        print("(stand-in: torch blocked algorithm on the CPU, NOT fla)")
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla
+        dev = "cuda"
+        print("torch", torch.__version__, "| fla from", sys.modules["fla"].__file__)
+    impl_name = "fla chunk_simple_gla" + (" (CPU stand-in)" if standin else "")
 
-    def cuda_time(fn, repeat=5):
-        fn()
-        torch.cuda.synchronize()
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def device_time(fn, repeat):
         times = []
         for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            if dev == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    peak = 2 * 8192**3 / cuda_time(lambda: a @ a)
-    print(f"torch matmul 8192^3 bf16: {peak / 1e12:.3g} TFLOP/s")
-    del a
     rows = []
     h, d = heads, head_dim
+    # Same function as ours: g_gamma = log λ = −slope, scale = 1 (checked against the JAX reference below).
     g_gamma = -torch.tensor(m1_slopes(h), device=dev)
     for t in lengths:
-        tq, tk, tv = (torch.randn(1, t, h, d, device=dev, dtype=torch.bfloat16) * s
+        gen = torch.Generator(device=dev).manual_seed(t)
+        tq, tk, tv = (torch.randn(1, t, h, d, device=dev, generator=gen, dtype=torch.float32).to(torch.bfloat16) * s
                       for s in (d ** -0.5, d ** -0.5, 1.0))
-        ts0 = torch.randn(1, h, d, d, device=dev, dtype=torch.float32)
-        for backward in (False, True):
+        ts0 = torch.randn(1, h, d, d, device=dev, generator=gen, dtype=torch.float32)
+        for backward in (False,) if fwd_only else (False, True):
             def run():
                 xs = [x.detach().requires_grad_(backward) for x in (tq, tk, tv, ts0)]
                 o, ht = chunk_simple_gla(*xs[:3], g_gamma=g_gamma, scale=1.0, initial_state=xs[3],
                                          output_final_state=True)
                 if backward:
                     (o.float().sum() + ht.sum()).backward()
+            mode = "fwd+bwd" if backward else "fwd"
             try:
                 t0 = time.perf_counter()
-                run()
-                torch.cuda.synchronize()
+                for _ in range(max(warmup, 1)):
+                    run()
+                sync()
                 first = time.perf_counter() - t0
-                sec = cuda_time(run)
+                sec = device_time(run, repeat)
             except Exception as e:  # noqa: BLE001
-                print(f"  fla T={t}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                print(f"  fla T={t} {mode}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                log.add(kind="time", impl=impl_name, t=t, mode=mode, ms=None, error=type(e).__name__)
                 continue
             flops = lightning_flops(1, t, h, d, backward=backward)
-            row = [t, "fla chunk_simple_gla", "fwd+bwd" if backward else "fwd", f"{sec * 1e3:.3f}",
-                   f"{flops / sec / 1e12:.3g}", f"{100 * flops / sec / peak:.0f}%", f"{first:.1f}"]
+            nbytes = prefill_bytes(1, t, h, d, 2, backward=backward)
+            log.add(kind="time", impl=impl_name, t=t, mode=mode, ms=sec * 1e3, compile_s=first,
+                    tflops=flops / sec / 1e12, gbs=nbytes / sec / 1e9)
+            row = [t, impl_name, mode, f"{sec * 1e3:.3f}", f"{flops / sec / 1e12:.3g}", f"{nbytes / sec / 1e9:.0f}",
+                   f"{first:.1f}"]
             rows.append(row)
             print("  " + " | ".join(str(x) for x in row), flush=True)
-    print(f"\nfla baseline, batch 1, {h} heads x {d}, bf16 (same FLOP count as the Pallas table)")
-    print(table(["T", "implementation", "pass", "ms", "TFLOP/s", "% peak FLOP/s", "first call s"], rows))
+    print(f"\nfla baseline, batch 1, {h} heads x {d}, bf16 (FLOP count of the blocked algorithm; GB/s = q, k, v, o "
+          f"+ states only: a lower bound of the traffic)")
+    print(table(["T", "implementation", "pass", "ms", "TFLOP/s", "GB/s (min traffic)", "first call(s) s"], rows))
+
+    # correctness of the baseline (after the timings, so that fla autotunes at the benchmark's lengths)
+    b, t = 1, 300
+    q, k, v, slope, s0 = inputs(b, t, h, d, jnp.bfloat16, seed=1)
+    ref_out, ref_final = jax.jit(reference.lightning_attention_naive)(
+        *(x.astype(jnp.float32) for x in (q, k, v)), slope, s0)
+    tq, tk, tv = (torch.tensor(np.asarray(x.astype(jnp.float32)), device=dev).bfloat16() for x in (q, k, v))
+    o, ht = chunk_simple_gla(tq, tk, tv, g_gamma=-torch.tensor(np.asarray(slope), device=dev), scale=1.0,
+                             initial_state=torch.tensor(np.asarray(s0), device=dev), output_final_state=True)
+    err_o, err_s = rel_err(o.float().cpu().numpy(), ref_out), rel_err(ht.float().cpu().numpy(), ref_final)
+    print(f"fla vs JAX reference (bf16 inputs, T={t}, max|err|/max|ref|): out {err_o:.2e}, state {err_s:.2e}")
+    log.add(kind="check", name=f"{impl_name} vs reference T={t} bf16 out", err=err_o, tol=2e-2, ok=err_o < 2e-2)
+    log.add(kind="check", name=f"{impl_name} vs reference T={t} bf16 state", err=err_s, tol=2e-2, ok=err_s < 2e-2)
+
+
+# ------------------------------------------------------------------------------------------------ device check v2
+# `benchmarks/device_check_v2.sh`: the chunk-parallel forward vs the sequential one, XLA and fla, in ≤ 200 s.
+# Every measurement is appended at once to a JSON-lines file (a timed-out section keeps what it measured);
+# `--combine` prints the tables from those files.
+
+V2_LENGTHS = (16384, 4096, 65536)   # in order of importance (a timeout cuts the tail)
+V2_SMALL_LENGTHS = (512, 256, 1024)
+V2_BACKWARD_LENGTH = 16384
+# chunk_parallel tilings timed at the backward length after the main table, most informative first. All fit
+# an H100's shared memory with a margin (checked offline: pallas_kernels/lightning/offline_triton_check.py).
+CHUNK_VARIANTS = [
+    dict(state_chunk=64, chunk_block_v=128, chunk_num_warps=8),    # fla's layout: a state per 64 tokens
+    dict(state_chunk=64, chunk_block_v=64, chunk_num_warps=4),
+    dict(chunk_block_v=128, chunk_num_warps=8),                    # states every 128, 1 CTA/SM
+    dict(state_chunk=64, chunk_block_v=128, chunk_num_warps=8, chunk_group=4),  # pipelined output loop
+    dict(state_block_v=32, state_num_stages=2),                    # 2x state-pass programs
+    dict(state_block_t=128),                                       # half the state-pass steps
+    dict(state_num_warps=8),
+    dict(state_block_k=32, state_block_v=32, state_num_stages=2),  # 4x state-pass programs
+]
+
+
+class ResultLog:
+    """Appends one JSON object per measurement to `path` (nothing without a path)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def add(self, **row):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _time_impl(log, name, fn, q, k, v, slope, s0, t, *, backward=False, repeat=10, extra=None):
+    """Compile + time one implementation; log it; returns the outputs of the first call (None on failure)."""
+    mode = "fwd+bwd" if backward else "fwd"
+    b, _, h, d = q.shape
+    try:
+        f = (forward_backward_fn if backward else forward_fn)(fn)
+        t0 = time.perf_counter()
+        first = jax.block_until_ready(f(q, k, v, slope, s0))
+        compile_s = time.perf_counter() - t0
+        sec_call = timeit(lambda: f(q, k, v, slope, s0), warmup=1, repeat=repeat)  # median of blocked calls
+        t0 = time.perf_counter()  # back-to-back calls, one block: hides the dispatch like fla's CUDA events
+        for _ in range(repeat):
+            out = f(q, k, v, slope, s0)
+        jax.block_until_ready(out)
+        sec = (time.perf_counter() - t0) / repeat
+        del out
+    except Exception as e:  # noqa: BLE001
+        print(f"  {name} T={t} {mode}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+        log.add(kind="time", impl=name, t=t, mode=mode, ms=None, error=f"{type(e).__name__}: {str(e)[:200]}",
+                **(extra or {}))
+        return None
+    flops = lightning_flops(b, t, h, d, backward=backward)
+    nbytes = prefill_bytes(b, t, h, d, q.dtype.itemsize, backward=backward)
+    log.add(kind="time", impl=name, t=t, mode=mode, ms=sec * 1e3, ms_call=sec_call * 1e3, compile_s=compile_s,
+            tflops=flops / sec / 1e12, gbs=nbytes / sec / 1e9, **(extra or {}))
+    print(f"  {name} | T={t} | {mode} | {sec * 1e3:.3f} ms ({sec_call * 1e3:.3f} per blocked call) | "
+          f"{flops / sec / 1e12:.3g} TFLOP/s | {nbytes / sec / 1e9:.0f} GB/s (min traffic) | compile {compile_s:.1f} s",
+          flush=True)
+    return first
+
+
+@section("v2: compiled correctness of the chunk-parallel forward")
+def check_v2(small, log):
+    interpret = jax.default_backend() == "cpu"
+    naive = jax.jit(reference.lightning_attention_naive)
+    cases = [  # b, t, h, d, dtype, initial state
+        (1, 1000, 4, 128, jnp.float32, True),
+        (1, 300 if small else 4097, 2 if small else 8, 128, jnp.bfloat16, True),
+        (2, 257, 3, 128, jnp.bfloat16, True),
+    ]
+
+    def record(name, err, tol):
+        ok = bool(err < tol)
+        log.add(kind="check", name=name, err=err, tol=tol, ok=ok)
+        print(f"  {name}: {err:.2e} (tol {tol:.0e}) {'PASS' if ok else 'FAIL'}", flush=True)
+
+    for b, t, h, d, dtype, init in cases:
+        name = f"chunk fwd b{b} t{t} h{h} d{d} {jnp.dtype(dtype).name}{' s0' if init else ''}"
+        try:
+            tiling = choose_tiling(t, d, d, batch=b, heads=h, interpret=interpret)
+            assert tiling.algorithm == "chunk_parallel", tiling
+            q, k, v, slope, s0 = inputs(b, t, h, d, dtype, seed=t, initial_state=init)
+            out, final = jax.jit(functools.partial(lightning_attention_pallas, tiling=tiling))(q, k, v, slope, s0)
+            ref_out, ref_final = naive(*(x.astype(jnp.float32) for x in (q, k, v)), slope, s0)
+            tol = 2e-5 if dtype == jnp.float32 else 2e-2
+            record(name + " out", rel_err(out, ref_out), tol)
+            record(name + " state", rel_err(final, ref_final), tol)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            log.add(kind="check", name=name, err=None, tol=None, ok=False, error=type(e).__name__)
+
+    def loss(fn, q, k, v, s0, slope):
+        out, final = fn(q, k, v, slope, s0)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+        return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(jnp.sin(final))
+
+    b, t, h, d, dtype = 1, 200 if small else 777, 2, 128, jnp.float32
+    name = f"chunk fwd+bwd (custom_vjp) b{b} t{t} h{h} d{d} float32 s0"
+    try:
+        tiling = choose_tiling(t, d, d, batch=b, heads=h, interpret=interpret)
+        assert tiling.algorithm == "chunk_parallel", tiling
+        q, k, v, slope, s0 = inputs(b, t, h, d, dtype, seed=t)
+        pallas = functools.partial(lightning_attention_pallas, tiling=tiling)
+        got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2, 3)))(q, k, v, s0, slope)
+        want = jax.jit(jax.grad(functools.partial(loss, reference.lightning_attention_naive),
+                                argnums=(0, 1, 2, 3)))(q, k, v, s0, slope)
+        for gname, g, w in zip(("dq", "dk", "dv", "ds0"), got, want):
+            record(f"{name} {gname}", rel_err(g, w), 2e-5)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        log.add(kind="check", name=name, err=None, tol=None, ok=False, error=type(e).__name__)
+
+
+@section("v2: forward timings (chunk-parallel vs sequential vs XLA), fwd+bwd, chunk tilings")
+def bench_v2(small, log, *, repeat=10, variants=True, budget_s=None):
+    """Main table first, then fwd+bwd, the chunk tiling variants, the sequential fwd+bwd; with `budget_s`
+    (seconds since the process started) no new measurement starts once the budget is spent."""
+    b, h, d = 1, (2 if small else M1_HEADS), M1_HEAD_DIM
+
+    def over_budget(what):
+        if budget_s is not None and time.perf_counter() - PROCESS_START > budget_s:
+            print(f"  (time budget of {budget_s} s spent: skipping {what})", flush=True)
+            log.add(kind="skipped", what=what)
+            return True
+        return False
+
+    dtype = jnp.bfloat16
+    lengths = V2_SMALL_LENGTHS if small else V2_LENGTHS
+    bwd_t = lengths[0] if small else V2_BACKWARD_LENGTH
+    try:
+        peak_flops = matmul_flops(1024 if small else 8192, jnp.float32 if small else dtype)
+        peak_bw = copy_bandwidth((64 if small else 2048) * 2**20)
+        log.add(kind="peak", tflops=peak_flops / 1e12, gbs=peak_bw / 1e9)
+        print(f"  matmul {peak_flops / 1e12:.3g} TFLOP/s; copy (read+write) {peak_bw / 1e9:.0f} GB/s", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"  peaks: {type(e).__name__}: {e}", flush=True)
+    default = choose_tiling(bwd_t, d, d, batch=b, heads=h)
+    log.add(kind="tiling", t=bwd_t, tiling=repr(default))
+    print(f"  default tiling at T={bwd_t}: {default}", flush=True)
+    impls = [("pallas chunk_parallel", pallas_tiling_impl()),
+             ("pallas sequential (block_v=128, 8 warps, 1 segment)", pallas_tiling_impl(**SEQUENTIAL_BEST)),
+             ("xla blocked", lightning_impl("xla"))]
+    for t in lengths:
+        q, k, v, slope, s0 = inputs(b, t, h, d, dtype)
+        outs = {}
+        for name, fn in impls:
+            if not over_budget(f"{name} T={t}"):
+                outs[name] = _time_impl(log, name, fn, q, k, v, slope, s0, t, repeat=repeat)
+        ref = outs.get("xla blocked")
+        for name in [n for n, _ in impls[:2] if outs.get(n) is not None and ref is not None]:
+            for what, x, r in (("out", outs[name][0], ref[0]), ("state", outs[name][1], ref[1])):
+                err = rel_err(x, r)
+                log.add(kind="check", name=f"{name} vs xla blocked T={t} bf16 {what}", err=err, tol=2e-2,
+                        ok=bool(err < 2e-2))
+                print(f"  {name} vs xla blocked T={t} {what}: {err:.2e}", flush=True)
+        del q, k, v, outs, ref
+    q, k, v, slope, s0 = inputs(b, bwd_t, h, d, dtype)
+    if not over_budget("pallas chunk_parallel fwd+bwd"):
+        _time_impl(log, "pallas chunk_parallel", impls[0][1], q, k, v, slope, s0, bwd_t, backward=True,
+                   repeat=repeat)
+    for over in CHUNK_VARIANTS if variants else []:
+        name = "pallas chunk_parallel " + ",".join(f"{k_}={v_}" for k_, v_ in over.items())
+        if not over_budget(name):
+            _time_impl(log, name, pallas_tiling_impl(**over), q, k, v, slope, s0, bwd_t, repeat=repeat,
+                       extra=dict(variant=over))
+    if not over_budget(impls[1][0] + " fwd+bwd"):
+        _time_impl(log, impls[1][0], impls[1][1], q, k, v, slope, s0, bwd_t, backward=True, repeat=repeat)
+
+
+def _read_jsonl(paths):
+    rows = []
+    for path in paths:
+        if not os.path.exists(path):
+            print(f"(no results file {path})")
+            continue
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        print(f"(unreadable line in {path}: {line[:100]})")
+    return rows
+
+
+def combine(paths):
+    """Print the combined markdown tables of a device_check_v2 run (ratios: fla ms / ms, > 1 = faster than fla)."""
+    rows = _read_jsonl(paths)
+    times = [r for r in rows if r.get("kind") == "time"]
+    fla = {(r["t"], r["mode"]): r["ms"] for r in times if r["impl"].startswith("fla") and r.get("ms")}
+    print("\n## combined: lightning attention forward, batch 1, M1 heads (64 x 128 on the GPU), bf16")
+    for r in rows:
+        if r.get("kind") == "peak":
+            print(f"measured peaks: matmul {r['tflops']:.3g} TFLOP/s, copy {r['gbs']:.0f} GB/s")
+        if r.get("kind") == "tiling":
+            print(f"default tiling at T={r['t']}: {r['tiling']}")
+
+    def fmt_row(r):
+        ms = r.get("ms")
+        ratio = fla.get((r["t"], r["mode"]))
+        call = r.get("ms_call")
+        return [r["t"], r["impl"], r["mode"], f"{ms:.3f}" if ms else "error", f"{call:.3f}" if call else "",
+                f"{ratio / ms:.2f}x" if ms and ratio else "",
+                f"{r['tflops']:.3g}" if ms else "", f"{r['gbs']:.0f}" if ms else "",
+                f"{r['compile_s']:.1f}" if ms else r.get("error", "")[:60]]
+
+    main_rows = [r for r in times if "variant" not in r]
+    main_rows.sort(key=lambda r: (r["mode"], r["t"], r["impl"].startswith("fla"), r["impl"]))
+    headers = ["T", "implementation", "pass", "ms", "ms per blocked call", "speed vs fla (fla ms / ms)",
+               "TFLOP/s", "GB/s (min traffic)", "compile / first call s"]
+    print("ms: JAX = 10 back-to-back calls / 10 (dispatch hidden), fla = median of CUDA-event-timed calls")
+    print(table(headers, [fmt_row(r) for r in main_rows]))
+    variant_rows = [r for r in times if "variant" in r]
+    if variant_rows:
+        print("\nchunk_parallel tiling variants (forward):")
+        base = [r for r in main_rows if r["impl"] == "pallas chunk_parallel" and r["mode"] == "fwd"
+                and r["t"] == variant_rows[0]["t"]]
+        print(table(headers, [fmt_row(r) for r in base + variant_rows]))
+    checks = [r for r in rows if r.get("kind") == "check"]
+    failed = [r for r in checks if not r.get("ok")]
+    print(f"\ncorrectness: {len(checks) - len(failed)}/{len(checks)} checks passed")
+    for r in checks:
+        err = r.get("err")
+        detail = f"error {r.get('error', '')}" if err is None else f"{err:.2e} (tol {r['tol']:.0e})"
+        print(f"  {'PASS' if r.get('ok') else 'FAIL'} {r['name']}: {detail}")
+    goal = []
+    for (t, mode), fla_ms in sorted(fla.items()):
+        ours = [r for r in times if r["impl"] == "pallas chunk_parallel" and r["t"] == t and r["mode"] == mode
+                and r.get("ms") and "variant" not in r]
+        best = min([r for r in times if r["impl"].startswith("pallas chunk_parallel") and r["t"] == t
+                    and r["mode"] == mode and r.get("ms")], key=lambda r: r["ms"], default=None)
+        if ours:
+            goal.append(f"T={t} {mode}: default {fla_ms / ours[0]['ms']:.2f}x"
+                        + (f", best tiling {fla_ms / best['ms']:.2f}x ({best['impl']})" if best else ""))
+    print("\ngoal (chunk_parallel forward >= 1.0x fla at T >= 8K): " + ("; ".join(goal) if goal else "no fla numbers"))
 
 
 def main():
@@ -467,16 +772,39 @@ def main():
     ap.add_argument("--no-bench", action="store_true", help="skip the prefill/decode tables")
     ap.add_argument("--fla", action="store_true", help="only the flash-linear-attention baseline (torch)")
     ap.add_argument("--lengths", default=None, help="comma-separated T, default 1024,4096,16384,65536")
+    ap.add_argument("--v2-check", action="store_true", help="device check v2: chunk-parallel correctness")
+    ap.add_argument("--v2-bench", action="store_true", help="device check v2: timings")
+    ap.add_argument("--combine", nargs="+", metavar="JSONL", help="print the v2 tables from result files")
+    ap.add_argument("--json", default=None, help="append results (JSON lines) to this file")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--fwd-only", action="store_true", help="--fla: forward only")
+    ap.add_argument("--standin", action="store_true", help="--fla: a torch CPU stand-in instead of fla (dry runs)")
+    ap.add_argument("--no-variants", action="store_true", help="--v2-bench: skip the chunk tiling variants")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="--v2-bench: start no new measurement after this many seconds (since process start)")
     args = ap.parse_args()
-    small = args.small or jax.default_backend() == "cpu"
+    if args.combine:
+        combine(args.combine)
+        return
+    # --fla runs torch on the GPU with JAX kept on the CPU, so the JAX backend says nothing about its sizes
+    small = args.small or (args.standin if args.fla else jax.default_backend() == "cpu")
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
         [256, 1024] if small else [1024, 4096, 16384, 65536])
     heads = 2 if small else M1_HEADS
+    log = ResultLog(args.json)
     print(f"# lightning attention kernels — {time.strftime('%Y-%m-%d %H:%M')}")
     if args.fla:
-        bench_fla(lengths, heads, M1_HEAD_DIM)
+        bench_fla(lengths, heads, M1_HEAD_DIM, warmup=args.warmup, repeat=args.repeat, fwd_only=args.fwd_only,
+                  log=log, standin=args.standin)
         return
     environment()
+    if args.v2_check or args.v2_bench:
+        if args.v2_check:
+            check_v2(small, log)
+        if args.v2_bench:
+            bench_v2(small, log, repeat=args.repeat, variants=not args.no_variants, budget_s=args.budget_s)
+        return
     if args.check:
         check()
     if args.no_bench and not args.sweep:

@@ -1,11 +1,12 @@
 """Pallas lightning-attention kernels (interpret mode on CPU) against the pure-JAX references.
 
 Covers: forward over ragged/exact sequence lengths and block sizes, fp32/bf16, batch > 1, 1–8 heads, head dims
-64/128, slopes 1e-6 … 0.92, zero and non-zero initial states; sequence segmentation; gradients of q, k, v and
+64/128, slopes 1e-6 … 0.92, zero and non-zero initial states; both GPU forward algorithms ("chunk_parallel", the
+default, with its state-chunk / tile variants, and "sequential") and sequence segmentation; gradients of q, k, v and
 the initial state through a loss on both outputs (slope: zero cotangent by design); decode == recurrence step;
-prefill → decode → decode == one long prefill; both kernel layouts ("gpu": fori_loop, generic interpreter; "tpu": sequential
-grid axis under `pltpu.InterpretParams` with race detection); and that the kernels lower for CUDA (Triton)
-and TPU (Mosaic) without a device. Worst errors are printed at the end of the module (`pytest -s`).
+prefill → decode → decode == one long prefill; both kernel layouts ("gpu": fori_loop, generic interpreter;
+"tpu": sequential grid axis under `pltpu.InterpretParams` with race detection); and that the kernels lower for
+CUDA (Triton) and TPU (Mosaic) without a device. Worst errors are printed at the end of the module (`pytest -s`).
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def test_forward_segments_and_value_dim():
     """Sequence split into 4 segments (ragged last one), value dim ≠ head dim, two value tiles."""
     b, t, h, d, dv = 2, 1000, 2, 64, 128
     q, k, v, slope, s0 = _inputs(3, b, t, h, d, jnp.float32, initial_state=True, dv=dv)
-    _compare_forward(q, k, v, slope, s0, _tiling(t, d, dv, block_size=32, num_segments=4), tag=" segmented")
+    tiling = _tiling(t, d, dv, block_size=32, num_segments=4, algorithm="sequential")
+    _compare_forward(q, k, v, slope, s0, tiling, tag=" segmented")
 
 
 def test_forward_tpu_layout():
@@ -168,17 +170,82 @@ def test_forward_tpu_layout():
     _compare_forward(q, k, v, slope, s0, tiling, tag=" tpu")
 
 
+# ---------------------------------------------------------------------------------------------------- chunk_parallel
+
+def _numpy_reference(q, k, v, slope, s0):
+    """float64 quadratic form of the recurrence (no compile): (out, final state)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    slope = np.asarray(slope, np.float64)
+    b, t, h, d = q.shape
+    s0 = np.zeros((b, h, d, v.shape[-1])) if s0 is None else np.asarray(s0, np.float64)
+    idx = np.arange(t, dtype=np.float64)
+    diff = idx[:, None] - idx[None, :]
+    decay_HxTxT = np.where(diff >= 0, np.exp(-slope[:, None, None] * np.maximum(diff, 0.0)), 0.0)
+    out = np.einsum("bhtj,bjhe->bthe", np.einsum("bthd,bjhd->bhtj", q, k) * decay_HxTxT, v)
+    out += np.einsum("bthd,bhde->bthe", q * np.exp(-slope[None, :] * (idx[:, None] + 1.0))[None, ..., None], s0)
+    k_decay_TxH = np.exp(-slope[None, :] * (t - 1.0 - idx[:, None]))
+    final = np.exp(-slope * t)[None, :, None, None] * s0 + np.einsum("bjhd,bjhe->bhde",
+                                                                     k * k_decay_TxH[None, ..., None], v)
+    return out, final
+
+
+def _compare_chunk_forward(q, k, v, slope, s0, tiling, tag):
+    assert tiling.algorithm == "chunk_parallel"
+    ref = _numpy_reference(q, k, v, slope, s0)
+    _check_outputs(*_pallas(q, k, v, slope, s0, tiling), q, k, v, slope, s0, tag, ref)
+
+
+CHUNK_CASES = [(1, jnp.bfloat16, True), (7, jnp.float32, True), (255, jnp.bfloat16, False),
+               (256, jnp.float32, True), (257, jnp.bfloat16, True), (1000, jnp.float32, True)]
+
+
+@pytest.mark.parametrize("t,dtype,initial_state", CHUNK_CASES)
+def test_chunk_parallel_forward(t, dtype, initial_state):
+    """Default GPU tiling (C = 64 or shorter, states every 128 tokens): every length, fp32 and bf16."""
+    b, h, d = 2, 2, 64
+    q, k, v, slope, s0 = _inputs(20 + t, b, t, h, d, dtype, initial_state=initial_state)
+    tiling = _tiling(t, d, d, block_size=256, b=b, h=h)
+    _compare_chunk_forward(q, k, v, slope, s0, tiling, " chunk")
+
+
+@pytest.mark.parametrize("t,dv,overrides", [
+    # fla's layout (a stored state per C-token chunk), K tiles of 32 and V tiles of 16 in the state pass,
+    # 4 chunks per output program (a loop); T = 1000 → 16 chunks
+    (1000, 64, dict(state_chunk=64, state_block_k=32, state_block_v=16, chunk_block_v=32, chunk_group=4)),
+    # 4 sub-chunks of 32 per chunk, 128-token state steps, value dim ≠ head dim (two V tiles); 3 chunks, so
+    # chunk_group 4 falls back to 1
+    (300, 128, dict(block_t=32, state_chunk=128, state_block_t=128, chunk_block_v=64, chunk_group=4)),
+])
+def test_chunk_parallel_tilings(t, dv, overrides):
+    b, h, d = 1, 3, 64
+    q, k, v, slope, s0 = _inputs(30 + t, b, t, h, d, jnp.float32, initial_state=True, dv=dv)
+    tiling = _tiling(t, d, dv, block_size=256, b=b, h=h, **overrides)
+    assert all(getattr(tiling, key) == value for key, value in overrides.items())
+    _compare_chunk_forward(q, k, v, slope, s0, tiling, " chunk tilings")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", [1, 7, 255, 256, 257, 1000])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_chunk_parallel_forward_sweep(t, dtype, initial_state):
+    b, h, d = 2, 4, 128
+    q, k, v, slope, s0 = _inputs(40 + t, b, t, h, d, dtype, initial_state=initial_state)
+    _compare_chunk_forward(q, k, v, slope, s0, _tiling(t, d, d, block_size=256, b=b, h=h), " chunk sweep")
+
+
 # ---------------------------------------------------------------------------------------------------- backward
 
-@pytest.mark.parametrize("b,t,h,d,block_size,dtype,segments", [
-    (1, 1, 1, 64, 256, jnp.float32, 1),
-    (2, 257, 3, 64, 32, jnp.float32, 1),
-    (1, 1000, 2, 128, 32, jnp.float32, 4),
-    (2, 255, 2, 64, 32, jnp.bfloat16, 2),
+@pytest.mark.parametrize("b,t,h,d,block_size,dtype,segments,algorithm", [
+    (1, 1, 1, 64, 256, jnp.float32, 1, "chunk_parallel"),
+    (2, 257, 3, 64, 32, jnp.float32, 1, "chunk_parallel"),
+    (1, 1000, 2, 128, 32, jnp.float32, 4, "sequential"),
+    (2, 255, 2, 64, 32, jnp.bfloat16, 2, "chunk_parallel"),
 ])
-def test_gradients(b, t, h, d, block_size, dtype, segments):
+def test_gradients(b, t, h, d, block_size, dtype, segments, algorithm):
+    """Through the custom_vjp: the forward (and the backward's dq) run `algorithm`, dk/dv the reverse scan."""
     q, k, v, slope, s0 = _inputs(10 + t, b, t, h, d, dtype, initial_state=True)
-    tiling = _tiling(t, d, d, block_size=block_size, num_segments=segments)
+    tiling = _tiling(t, d, d, block_size=block_size, num_segments=segments, algorithm=algorithm)
     _compare_grads(q, k, v, slope, s0, tiling)
 
 
@@ -257,7 +324,19 @@ def test_api_dispatch_and_tiling_rules(monkeypatch):
     monkeypatch.delenv(api.IMPL_ENV)
     gpu = choose_tiling(1000, 128, 128, batch=1, heads=64, block_size=256, interpret=True)
     assert (gpu.target, gpu.block_t, gpu.block_v, gpu.num_segments) == ("gpu", 64, 64, 1)
-    assert choose_tiling(7, 64, 64, block_size=256, interpret=True).block_t == 16
+    assert (gpu.algorithm, gpu.state_chunk, gpu.state_block_t) == ("chunk_parallel", 128, 64)
+    short = choose_tiling(7, 64, 64, block_size=256, interpret=True)
+    assert (short.block_t, short.state_chunk, short.state_block_t) == (16, 16, 16)
+    assert choose_tiling(1000, 64, 64, block_size=256, interpret=True, block_t=128).state_chunk == 128
+    assert choose_tiling(1000, 64, 64, interpret=True, algorithm="sequential").algorithm == "sequential"
+    for bad in (dict(state_chunk=96), dict(state_chunk=64, state_block_t=128), dict(state_block_k=8),
+                dict(chunk_group=3)):
+        with pytest.raises(NotImplementedError):
+            choose_tiling(1000, 64, 64, interpret=True, **bad)
+    with pytest.raises(ValueError):
+        choose_tiling(1000, 64, 64, interpret=True, algorithm="parallel")
+    with pytest.raises(NotImplementedError):
+        choose_tiling(1000, 128, 128, interpret=TPU_INTERPRET, algorithm="chunk_parallel")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compiled-GPU choices, nothing is run
     assert choose_tiling(1000, 128, 128, batch=1, heads=64).num_segments == 2  # ≥ 8 blocks per segment
     assert choose_tiling(65536, 128, 128, batch=1, heads=64).num_segments == 8  # 64·2·8 programs
@@ -278,6 +357,7 @@ def test_api_dispatch_and_tiling_rules(monkeypatch):
 
 @pytest.mark.parametrize("platform,tiling", [
     ("cuda", Tiling("gpu", 64, 64, 32, num_segments=2)),
+    ("cuda", Tiling("gpu", 64, 64, 32, num_segments=2, algorithm="chunk_parallel")),
     ("tpu", Tiling("tpu", 256, 128, 128)),
 ])
 def test_kernels_lower_for_device(platform, tiling):
@@ -289,9 +369,15 @@ def test_kernels_lower_for_device(platform, tiling):
     grads = functools.partial(_pallas_grads, tiling=tiling)
     decode = functools.partial(lightning_decode_pallas, tiling=tiling)
     x = jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16)
-    for fn, args in ((grads, (q, q, q, slope, s0)), (decode, (x, x, x, slope, s0))):
+    todo = [(grads, (q, q, q, slope, s0)), (decode, (x, x, x, slope, s0))]
+    if tiling.algorithm == "chunk_parallel":  # also fp32 operands (a smaller output-pass value tile)
+        q32 = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+        todo.append((functools.partial(lightning_attention_pallas, tiling=tiling), (q32, q32, q32, slope, s0)))
+    for fn, args in todo:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         assert ("triton" if platform == "cuda" else "tpu_custom_call") in text
+        if tiling.algorithm == "chunk_parallel" and fn is not decode:
+            assert "lightning_forward_states" in text or "lightning_backward_dq_states" in text
 
 
 # ---------------------------------------------------------------------------------------------------- slow sweep

@@ -28,6 +28,9 @@ give bf16 × bf16 → fp32 products (the state and the decayed Q/K are rounded t
 RC's kv increment), fp32 inputs use fp32 products at HIGHEST precision. Ragged sequences are zero-padded to a
 multiple of C; the decays of the last block use its true length m.
 
+Forward algorithm (`tiling.py`, `Tiling.algorithm`): "sequential" is the block walk above; "chunk_parallel"
+(`chunked.py`, the GPU default) computes the same function with a state pass and a parallel output pass.
+
 Layout (`tiling.py`): C is the kernel's own block size, derived from `block_size` within what the backend can
 tile (GPU: a power of two in [16, 64] by default); any C gives the same function up to fp rounding. On GPU a
 long sequence may also be cut into segments that run in parallel (`_sequence_scan`).
@@ -43,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.lightning import reference
+from pallas_kernels.lightning import chunked, reference
 from pallas_kernels.lightning.tiling import Tiling, choose_tiling
 
 F32 = jnp.float32
@@ -283,10 +286,16 @@ def _transpose_state(s_BxHxKxV):
     return jnp.swapaxes(s_BxHxKxV, -1, -2)
 
 
+def _forward(q, k, v, s0, slope, *, out_dtype, tiling: Tiling, name: str):
+    """The forward recurrence with the algorithm `tiling.algorithm` picks; returns (out, final state fp32)."""
+    if tiling.algorithm == "chunk_parallel":
+        return chunked.chunk_parallel_forward(q, k, v, s0, slope, tiling=tiling, out_dtype=out_dtype, name=name)
+    return _sequence_scan(FORWARD, q, k, v, s0, slope, reverse=False, out_dtype=out_dtype, tiling=tiling, name=name)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _lightning(q, k, v, slope, s0, tiling):
-    return _sequence_scan(FORWARD, q, k, v, s0, slope, reverse=False, out_dtype=q.dtype, tiling=tiling,
-                          name="lightning_forward")
+    return _forward(q, k, v, s0, slope, out_dtype=q.dtype, tiling=tiling, name="lightning_forward")
 
 
 def _lightning_vjp_fwd(q, k, v, slope, s0, tiling):
@@ -294,14 +303,17 @@ def _lightning_vjp_fwd(q, k, v, slope, s0, tiling):
 
 
 def _lightning_vjp_bwd(tiling, res, cotangents):
-    """dq = fwd(dO, v, k; S_0ᵀ);  dv, dS_0 = rev(q, k, dO; dS_T);  dk = rev(dO, v, q; dS_Tᵀ);  dslope = 0."""
+    """dq = fwd(dO, v, k; S_0ᵀ);  dv, dS_0 = rev(q, k, dO; dS_T);  dk = rev(dO, v, q; dS_Tᵀ);  dslope = 0.
+
+    dq runs the forward algorithm of `tiling` (chunk_parallel or sequential); dv, dk the sequential reverse scan.
+    """
     q, k, v, slope, s0 = res
     do, dfinal = cotangents
     do = do.astype(q.dtype)
     dfinal = dfinal.astype(F32)
     scan = functools.partial(_sequence_scan, slope_H=slope, tiling=tiling)
-    dq, _ = scan(FORWARD, do, v, k, _transpose_state(s0), reverse=False, out_dtype=q.dtype,
-                 name="lightning_backward_dq")
+    dq, _ = _forward(do, v, k, _transpose_state(s0), slope, out_dtype=q.dtype, tiling=tiling,
+                     name="lightning_backward_dq")
     dv, ds0 = scan(REVERSE, q, k, do, dfinal, reverse=True, out_dtype=v.dtype, name="lightning_backward_dv")
     dk, _ = scan(REVERSE, do, v, q, _transpose_state(dfinal), reverse=True, out_dtype=k.dtype,
                  name="lightning_backward_dk")

@@ -1,6 +1,13 @@
 """Block sizes and per-backend kernel layout of the lightning-attention Pallas kernels — the one place they are chosen.
 
-Two layouts run the same block math (`prefill._forward_block` / `prefill._reverse_block`):
+Forward algorithm on the "gpu" layout (`Tiling.algorithm`):
+
+* "chunk_parallel" (default on GPU, `chunked.py`): a state pass (one program per (batch, head, K tile,
+  V tile) walks the sequence and stores the state entering every `state_chunk` tokens) and a fully parallel
+  output pass over (V tiles, chunks, batch·heads). The backward's dq (a forward-shaped problem) uses it too.
+* "sequential" (`prefill._sequence_scan`): the layouts below, also used by the backward's dk/dv.
+
+Two layouts run the same block math of the sequential kernels (`prefill._forward_block` / `prefill._reverse_block`):
 
 * "gpu" (Pallas Triton): grid (batch, head, value tile); each program walks the sequence blocks with an
   in-kernel `lax.fori_loop`, the D×BV fp32 state living in registers. Triton needs every loaded/computed
@@ -28,6 +35,8 @@ GPU_BLOCK_T = (16, 128)   # allowed tokens per sequence block on GPU (powers of 
 GPU_DEFAULT_BLOCK_T = 64  # largest C used unless a tiling is passed explicitly (register pressure)
 GPU_BLOCK_V = 64          # value-dim tile of the prefill kernels on GPU
 GPU_DECODE_BLOCK_V = 32   # value-dim tile of the decode kernel on GPU (more programs for a memory-bound op)
+GPU_DEFAULT_ALGORITHM = "chunk_parallel"  # forward on GPU: "chunk_parallel" or "sequential"
+GPU_STATE_CHUNK = 128     # chunk_parallel: tokens between stored states (a multiple of block_t)
 GPU_TARGET_PROGRAMS = 528  # split the sequence into segments until batch·heads·tiles·segments reaches this
 GPU_MIN_SEGMENT_BLOCKS = 8  # ... but keep at least this many blocks of C tokens per segment
 TPU_LANES = 128
@@ -42,6 +51,15 @@ class Tiling:
     decode_block_v: value-dim tile of the decode kernel. num_warps / num_stages: Triton launch parameters.
     num_segments: sequence segments run in parallel as extra grid rows (`prefill._sequence_scan`).
     interpret: False (compiled), True (generic interpreter) or a `pltpu.InterpretParams`.
+
+    algorithm: forward algorithm, "sequential" or "chunk_parallel" (gpu layout only; `chunked.py`). Its fields:
+    state_chunk: tokens between stored states Cs (a multiple of block_t and state_block_t); the output pass
+      handles Cs tokens per program in sub-chunks of block_t. state_block_t: tokens per step of the state pass.
+    state_block_k / state_block_v / state_num_warps / state_num_stages: state-pass tiles and launch parameters.
+    chunk_block_v / chunk_num_warps / chunk_num_stages: output-pass value tile and launch parameters (fp32
+      operands use at most 64 value columns there: shared memory). chunk_group: chunks per output-pass
+      program, walked in a loop whose loads Triton can pipeline (lowered to the largest power of two ≤ it
+      that divides the number of chunks).
     """
 
     target: str
@@ -52,13 +70,26 @@ class Tiling:
     num_stages: int = 2
     num_segments: int = 1
     interpret: Any = False
+    algorithm: str = "sequential"
+    state_chunk: int = GPU_STATE_CHUNK
+    state_block_t: int = 64
+    state_block_k: int = 64
+    state_block_v: int = 64
+    state_num_warps: int = 4
+    state_num_stages: int = 3
+    chunk_block_v: int = 64
+    chunk_num_warps: int = 4
+    chunk_num_stages: int = 2
+    chunk_group: int = 1
 
     @property
     def seq_in_grid(self) -> bool:
         return self.target == "tpu"
 
-    def compiler_params(self, num_grid_axes: int, sequential_last: bool):
-        """Backend compiler parameters for a pallas_call with `num_grid_axes` grid axes."""
+    def compiler_params(self, num_grid_axes: int, sequential_last: bool, *, num_warps: int | None = None,
+                        num_stages: int | None = None):
+        """Backend compiler parameters for a pallas_call with `num_grid_axes` grid axes (Triton launch
+        parameters default to `num_warps` / `num_stages`)."""
         if self.target == "tpu":
             sem = ["parallel"] * num_grid_axes
             if sequential_last:
@@ -68,11 +99,13 @@ class Tiling:
             return None
         from jax.experimental.pallas import triton as pltriton
 
-        return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+        return pltriton.CompilerParams(num_warps=num_warps or self.num_warps,
+                                       num_stages=num_stages or self.num_stages)
 
-    def value_tile(self, dim: int, *, decode: bool = False) -> int:
-        """Tile of a value-like dimension `dim` (the output width of a kernel)."""
-        cap = self.decode_block_v if decode else self.block_v
+    def value_tile(self, dim: int, *, decode: bool = False, cap: int | None = None) -> int:
+        """Tile of a value-like dimension `dim` (the output width of a kernel); `cap` overrides the block field."""
+        if cap is None:
+            cap = self.decode_block_v if decode else self.block_v
         tile = min(cap, dim)
         if dim % tile:
             raise NotImplementedError(f"value dim {dim} is not a multiple of the tile {tile}")
@@ -105,8 +138,11 @@ def choose_tiling(seq_len: int, head_dim: int, value_dim: int, *, batch: int = 1
     dims must be powers of two ≥ 16; the sequence is split into power-of-two segments until
     batch·heads·value-tiles·segments ≥ GPU_TARGET_PROGRAMS (≈ 4 programs per H100 SM; compiled only — under
     the interpreter segments only add a pass, tests ask for them explicitly).
+    GPU forward algorithm: GPU_DEFAULT_ALGORITHM ("chunk_parallel"), states every GPU_STATE_CHUNK tokens (at
+    most the sequence rounded up to a power of two, at least C); the other chunk_parallel fields are the
+    `Tiling` defaults (checked for sm_90 registers / shared memory with `offline_triton_check.py`).
     TPU: C = block_size rounded up to a multiple of 128, at most the padded sequence; head dims must be
-    multiples of 128 when compiled (any size under the interpreter).
+    multiples of 128 when compiled (any size under the interpreter); always the "sequential" algorithm.
     `overrides` replace fields (for tuning sweeps), e.g. `block_t=128, num_warps=8`.
     """
     if block_size <= 0:
@@ -127,7 +163,8 @@ def choose_tiling(seq_len: int, head_dim: int, value_dim: int, *, batch: int = 1
                and n_blocks >= 2 * segments * GPU_MIN_SEGMENT_BLOCKS):
             segments *= 2
         tiling = Tiling("gpu", block_t, GPU_BLOCK_V, GPU_DECODE_BLOCK_V, num_segments=segments,
-                        interpret=interpret)
+                        interpret=interpret, algorithm=GPU_DEFAULT_ALGORITHM,
+                        state_chunk=min(GPU_STATE_CHUNK, max(block_t, pl.next_power_of_2(seq))))
     else:
         if not interpret and (head_dim % TPU_LANES or value_dim % TPU_LANES):
             raise NotImplementedError(f"Pallas TPU lightning kernels need head dims that are multiples of "
@@ -139,4 +176,35 @@ def choose_tiling(seq_len: int, head_dim: int, value_dim: int, *, batch: int = 1
     if target == "gpu" and not (GPU_BLOCK_T[0] <= tiling.block_t <= GPU_BLOCK_T[1]
                                 and tiling.block_t & (tiling.block_t - 1) == 0):
         raise NotImplementedError(f"GPU block_t must be a power of two in {GPU_BLOCK_T}, got {tiling.block_t}")
+    if tiling.algorithm == "chunk_parallel":
+        if target != "gpu":
+            raise NotImplementedError("the chunk_parallel forward exists for the gpu layout only")
+        if "state_chunk" not in overrides:  # follow an overridden block size
+            tiling = dataclasses.replace(tiling, state_chunk=max(tiling.state_chunk, tiling.block_t,
+                                                                 tiling.state_block_t if "state_block_t" in overrides
+                                                                 else 0))
+        if "state_block_t" not in overrides:
+            tiling = dataclasses.replace(tiling, state_block_t=min(tiling.state_block_t, tiling.state_chunk))
+        check_chunk_tiling(tiling)
+    elif tiling.algorithm != "sequential":
+        raise ValueError(f"algorithm must be 'sequential' or 'chunk_parallel', got {tiling.algorithm!r}")
     return tiling
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def check_chunk_tiling(tiling: Tiling) -> None:
+    """Raise NotImplementedError unless the chunk_parallel fields can be tiled (powers of two, Cs a multiple of
+    block_t and state_block_t, every tile ≥ 16 for Triton's dot)."""
+    fields = ("block_t", "state_chunk", "state_block_t", "state_block_k", "state_block_v", "chunk_block_v")
+    for name in fields:
+        value = getattr(tiling, name)
+        if not (_is_pow2(value) and value >= 16):
+            raise NotImplementedError(f"chunk_parallel needs {name} to be a power of two >= 16, got {value}")
+    if not _is_pow2(tiling.chunk_group):
+        raise NotImplementedError(f"chunk_group must be a power of two, got {tiling.chunk_group}")
+    if tiling.state_chunk % tiling.block_t or tiling.state_chunk % tiling.state_block_t:
+        raise NotImplementedError(f"state_chunk {tiling.state_chunk} must be a multiple of block_t "
+                                  f"{tiling.block_t} and state_block_t {tiling.state_block_t}")
