@@ -19,6 +19,9 @@ from pallas_kernels.lightning import reference
 
 IMPLS = ("auto", "xla", "pallas")
 IMPL_ENV = "M1JAX_LIGHTNING_IMPL"
+# Measured on an H100 (benchmarks/RESULTS.md): the Pallas decode wins at batch 1 (31.7 vs 39.6 µs), XLA's
+# fused update at batch 128 (423 vs 556 µs); "auto" decodes larger batches on GPU with XLA.
+GPU_PALLAS_DECODE_MAX_BATCH = 16
 
 
 def _pallas_backend_supported() -> bool:
@@ -68,6 +71,9 @@ def lightning_decode(q, k, v, slope, state, *, impl: str = "auto", interpret: bo
     The Pallas kernel aliases the state input to the new-state output: donate it to update it in place.
     """
     requested, impl = impl, resolve_impl(impl)
+    if (requested == "auto" and impl == "pallas" and jax.default_backend() != "tpu"
+            and not os.environ.get(IMPL_ENV) and q.shape[0] > GPU_PALLAS_DECODE_MAX_BATCH):
+        impl = "xla"
     if impl == "pallas":
         from pallas_kernels.lightning import decode, tiling
 
