@@ -17,12 +17,9 @@ from m1jax.modules.rope import apply_rope
 from m1jax.weights import DTYPE, param
 
 NEG = jnp.finfo(jnp.float32).min
-DIRECT_MAX_KEYS = 2048  # at most this many key slots: one dense masked softmax
+DIRECT_MAX_KEYS = 2048  # at most this many key slots: dense masked softmax (in query chunks when causal)
+QUERY_CHUNK = 256
 KEY_BLOCK = 1024
-
-
-def _scores(q_BxLxKxGxD, k_BxSxKxD, scale):
-    return jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32) * scale
 
 
 def _visible(kv_valid_BxS, slots_S, q_slot_L):
@@ -31,59 +28,77 @@ def _visible(kv_valid_BxS, slots_S, q_slot_L):
     return kv_valid_BxS[:, None, None, None, :] & causal_LxS[None, None, None]
 
 
+def _dense(q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, q_slot_L, kv_valid_BxS, scale):
+    """Masked softmax attention with every visible key at once: `[B, K, G, L, D]` fp32."""
+    s = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxD, k_BxKxSxD, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(_visible(kv_valid_BxS, jnp.arange(k_BxKxSxD.shape[2]), q_slot_L), s, NEG)
+    p = jnp.exp(s - s.max(-1, keepdims=True))
+    out = jnp.einsum("bkgls,bksd->bkgld", p.astype(v_BxKxSxD.dtype), v_BxKxSxD, preferred_element_type=jnp.float32)
+    return out / p.sum(-1)[..., None]
+
+
 def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, q_slot_L: jax.Array,
-           kv_valid_BxS: jax.Array | None, num_slots: jax.Array | int | None = None) -> jax.Array:
+           kv_valid_BxS: jax.Array | None, num_slots: jax.Array | int | None = None,
+           causal_prefix: bool = False) -> jax.Array:
     """softmax(q kᵀ/√D + mask) v over visible slots; returns `[B, L, H, D]` in q's dtype.
 
     `num_slots` (optional, may be traced) bounds the slots that can be visible, so a long cache is only read
-    up to its filled part.
+    up to its filled part. `causal_prefix=True` declares that query i sits in slot i of these same keys (no
+    cache), so query chunks skip the keys after them.
     """
     b, l, h, d = q_BxLxHxD.shape
     s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-    q = q_BxLxHxD.reshape(b, l, kh, h // kh, d)
+    g = h // kh
     scale = d ** -0.5
+    q = q_BxLxHxD.reshape(b, l, kh, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]: batched GEMMs
+    k = k_BxSxKxD.transpose(0, 2, 1, 3)
+    v = v_BxSxKxD.transpose(0, 2, 1, 3)
     if kv_valid_BxS is None:
         kv_valid_BxS = jnp.ones((b, s), bool)
 
     if s <= DIRECT_MAX_KEYS:
-        scores = _scores(q, k_BxSxKxD, scale)
-        scores = jnp.where(_visible(kv_valid_BxS, jnp.arange(s), q_slot_L), scores, NEG)
-        p = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", p, v_BxSxKxD, preferred_element_type=jnp.float32)
-        return out.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+        if causal_prefix and l > QUERY_CHUNK:
+            outs = [_dense(q[:, :, :, i:i + QUERY_CHUNK], k[:, :, :i + QUERY_CHUNK], v[:, :, :i + QUERY_CHUNK],
+                           q_slot_L[i:i + QUERY_CHUNK], kv_valid_BxS[:, :i + QUERY_CHUNK], scale)
+                    for i in range(0, l, QUERY_CHUNK)]
+            out = jnp.concatenate(outs, axis=3)
+        else:
+            out = _dense(q, k, v, q_slot_L, kv_valid_BxS, scale)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
 
     kb = KEY_BLOCK
     n_blocks_static = -(-s // kb)
     pad = n_blocks_static * kb - s
     if pad:
-        k_BxSxKxD = jnp.pad(k_BxSxKxD, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v_BxSxKxD = jnp.pad(v_BxSxKxD, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
         kv_valid_BxS = jnp.pad(kv_valid_BxS, ((0, 0), (0, pad)))
 
     def body(i, carry):
         m, den, acc = carry
         start = i * kb
-        kblk = jax.lax.dynamic_slice_in_dim(k_BxSxKxD, start, kb, axis=1)
-        vblk = jax.lax.dynamic_slice_in_dim(v_BxSxKxD, start, kb, axis=1)
+        kblk = jax.lax.dynamic_slice_in_dim(k, start, kb, axis=2)
+        vblk = jax.lax.dynamic_slice_in_dim(v, start, kb, axis=2)
         valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1)
-        sc = jnp.where(_visible(valid_blk, start + jnp.arange(kb), q_slot_L), _scores(q, kblk, scale), NEG)
+        sc = jnp.einsum("bkgld,bksd->bkgls", q, kblk, preferred_element_type=jnp.float32) * scale
+        sc = jnp.where(_visible(valid_blk, start + jnp.arange(kb), q_slot_L), sc, NEG)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(sc - m_new[..., None])
         den = den * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgls,bskd->bkgld", p.astype(vblk.dtype), vblk,
+        acc = acc * corr[..., None] + jnp.einsum("bkgls,bksd->bkgld", p.astype(vblk.dtype), vblk,
                                                  preferred_element_type=jnp.float32)
         return m_new, den, acc
 
-    init = (jnp.full((b, kh, h // kh, l), NEG, jnp.float32), jnp.zeros((b, kh, h // kh, l), jnp.float32),
-            jnp.zeros((b, kh, h // kh, l, d), jnp.float32))
+    init = (jnp.full((b, kh, g, l), NEG, jnp.float32), jnp.zeros((b, kh, g, l), jnp.float32),
+            jnp.zeros((b, kh, g, l, d), jnp.float32))
     if num_slots is None:
         n_blocks = n_blocks_static
     else:
         n_blocks = jnp.minimum((num_slots + kb - 1) // kb, n_blocks_static)
     _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = acc / den[..., None]
-    return jnp.einsum("bkgld->blkgd", out).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
 
 
 class SoftmaxAttention(nnx.Module):
@@ -116,7 +131,7 @@ class SoftmaxAttention(nnx.Module):
         k = apply_rope(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
         v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v_proj[...].astype(dt))
         if kv_cache is None:
-            out = attend(q, k, v, q_slot_L=jnp.arange(l), kv_valid_BxS=valid_BxL)
+            out = attend(q, k, v, q_slot_L=jnp.arange(l), kv_valid_BxS=valid_BxL, causal_prefix=True)
             new_cache = None
         else:
             k_cache, v_cache = kv_cache

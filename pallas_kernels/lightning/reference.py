@@ -101,29 +101,32 @@ def lightning_attention_blocked(q, k, v, slope, initial_state=None, *, block_siz
     c = min(c, max(t, 1))
     n = -(-t // c)
     pad = n * c - t
-    qf, kf, vf = (jnp.pad(x.astype(F32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, c, h, x.shape[-1])
-                  for x in (q, k, v))
 
+    def blocks(x):  # [B, T, H, X] -> [B, H, N, C, X]: batch dims leading, so every einsum is a batched GEMM
+        x = jnp.pad(x.astype(F32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.transpose(0, 2, 1, 3).reshape(b, h, n, c, x.shape[-1])
+
+    qf, kf, vf = blocks(q), blocks(k), blocks(v)
     local = jnp.arange(c, dtype=F32)
     block_len_N = jnp.minimum(c, t - jnp.arange(n) * c).astype(F32)  # m per block
     diff = local[:, None] - local[None, :]
-    intra_decay_HxCxC = jnp.where(diff >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(diff, 0.0)), 0.0)
-    q_decay_CxH = jnp.exp(-(local[:, None] + 1.0) * slope[None, :])
+    slope_H11 = slope[:, None, None]
+    intra_decay_HxCxC = jnp.where(diff >= 0, jnp.exp(-slope_H11 * jnp.maximum(diff, 0.0)), 0.0)
+    q_decay_HxC = jnp.exp(-(local[None, :] + 1.0) * slope[:, None])
     k_exp_NxC = block_len_N[:, None] - 1.0 - local[None, :]
-    k_decay_NxCxH = jnp.where(k_exp_NxC[..., None] >= 0,
-                              jnp.exp(-jnp.maximum(k_exp_NxC, 0.0)[..., None] * slope), 0.0)
+    k_decay_HxNxC = jnp.where(k_exp_NxC >= 0, jnp.exp(-jnp.maximum(k_exp_NxC, 0.0) * slope_H11), 0.0)
     block_decay_NxH = jnp.exp(-block_len_N[:, None] * slope[None, :])
 
-    scores = jnp.einsum("bnihd,bnjhd->bnhij", qf, kf, precision=HIGHEST) * intra_decay_HxCxC
-    out_intra = jnp.einsum("bnhij,bnjhe->bnihe", scores, vf, precision=HIGHEST)
-    inc_BxNxHxDxE = jnp.einsum("bnjhd,bnjhe->bnhde", kf * k_decay_NxCxH[None, ..., None], vf, precision=HIGHEST)
+    scores = jnp.einsum("bhnid,bhnjd->bhnij", qf, kf, precision=HIGHEST) * intra_decay_HxCxC[:, None]
+    out_intra = jnp.einsum("bhnij,bhnje->bhnie", scores, vf, precision=HIGHEST)
+    inc_BxHxNxDxE = jnp.einsum("bhnjd,bhnje->bhnde", kf * k_decay_HxNxC[..., None], vf, precision=HIGHEST)
 
     def step(state, xs):
         inc, decay_H = xs
         return decay_H[None, :, None, None] * state + inc, state
 
-    final, states_in_NxBxHxDxE = jax.lax.scan(step, s0, (jnp.moveaxis(inc_BxNxHxDxE, 1, 0), block_decay_NxH))
-    out_inter = jnp.einsum("bnihd,nbhde->bnihe", qf * q_decay_CxH[None, None, :, :, None], states_in_NxBxHxDxE,
-                           precision=HIGHEST)
-    out = (out_intra + out_inter).reshape(b, n * c, h, dv)[:, :t]
+    final, states_in_NxBxHxDxE = jax.lax.scan(step, s0, (jnp.moveaxis(inc_BxHxNxDxE, 2, 0), block_decay_NxH))
+    out_inter = jnp.einsum("bhnid,bhnde->bhnie", qf * q_decay_HxC[:, None, :, None],
+                           jnp.moveaxis(states_in_NxBxHxDxE, 0, 2), precision=HIGHEST)
+    out = (out_intra + out_inter).reshape(b, h, n * c, dv)[:, :, :t].transpose(0, 2, 1, 3)
     return out.astype(q.dtype), final
