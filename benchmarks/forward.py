@@ -25,11 +25,13 @@ from m1jax.modules.lightning import LightningAttention  # noqa: E402
 
 
 def forward_flops(c: ModelConfig, t: int) -> float:
-    """Matmul FLOPs of one forward over t tokens (batch 1): weights, LM head, and the attention mixers."""
+    """Model FLOPs of one forward over t tokens (batch 1), MFU-style: 2 per active weight and per LM-head weight,
+    lightning attention in its recurrent form (kᵀv and qS: 4·D² per token and head), causal softmax attention
+    (QKᵀ and PV over the visible keys). Blocked intra-chunk products are extra work, not counted."""
     per_token = 2 * c.param_counts()["active"] + 2 * c.hidden_size * c.vocab_size
-    h, hd, blk = c.num_attention_heads, c.head_dim, min(c.block_size, t)
-    lightning = len(c.lightning_layers) * t * h * (2 * 2 * blk * hd + 2 * 2 * hd * hd)  # intra + inter/state
-    softmax = len(c.softmax_layers) * 2 * 2 * h * hd * t * (t + 1) / 2  # causal QKᵀ and PV
+    h, hd = c.num_attention_heads, c.head_dim
+    lightning = len(c.lightning_layers) * t * h * 2 * 2 * hd * hd
+    softmax = len(c.softmax_layers) * 2 * 2 * h * hd * t * (t + 1) / 2
     return per_token * t + lightning + softmax
 
 

@@ -51,12 +51,12 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
     g = h // kh
     scale = d ** -0.5
     q = q_BxLxHxD.reshape(b, l, kh, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]: batched GEMMs
-    k = k_BxSxKxD.transpose(0, 2, 1, 3)
-    v = v_BxSxKxD.transpose(0, 2, 1, 3)
     if kv_valid_BxS is None:
         kv_valid_BxS = jnp.ones((b, s), bool)
 
     if s <= DIRECT_MAX_KEYS:
+        k = k_BxSxKxD.transpose(0, 2, 1, 3)
+        v = v_BxSxKxD.transpose(0, 2, 1, 3)
         if causal_prefix and l > QUERY_CHUNK:
             outs = [_dense(q[:, :, :, i:i + QUERY_CHUNK], k[:, :, :i + QUERY_CHUNK], v[:, :, :i + QUERY_CHUNK],
                            q_slot_L[i:i + QUERY_CHUNK], kv_valid_BxS[:, :i + QUERY_CHUNK], scale)
@@ -66,19 +66,22 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
             out = _dense(q, k, v, q_slot_L, kv_valid_BxS, scale)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
 
+    # Long key range (a big cache): visit key blocks, only up to `num_slots`, with an online softmax; each block
+    # is sliced from the cache in its own layout, so a step reads just the filled part of the cache.
     kb = KEY_BLOCK
     n_blocks_static = -(-s // kb)
     pad = n_blocks_static * kb - s
+    k, v = k_BxSxKxD, v_BxSxKxD
     if pad:
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         kv_valid_BxS = jnp.pad(kv_valid_BxS, ((0, 0), (0, pad)))
 
     def body(i, carry):
         m, den, acc = carry
         start = i * kb
-        kblk = jax.lax.dynamic_slice_in_dim(k, start, kb, axis=2)
-        vblk = jax.lax.dynamic_slice_in_dim(v, start, kb, axis=2)
+        kblk = jax.lax.dynamic_slice_in_dim(k, start, kb, axis=1).transpose(0, 2, 1, 3)
+        vblk = jax.lax.dynamic_slice_in_dim(v, start, kb, axis=1).transpose(0, 2, 1, 3)
         valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1)
         sc = jnp.einsum("bkgld,bksd->bkgls", q, kblk, preferred_element_type=jnp.float32) * scale
         sc = jnp.where(_visible(valid_blk, start + jnp.arange(kb), q_slot_L), sc, NEG)
