@@ -38,6 +38,13 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / timeit(lambda: f(x), repeat=5)
 
 
+def read_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Measured bytes/s of reading an array once (a sum over it) on the default device."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    return nbytes / timeit(lambda: f(x), repeat=5)
+
+
 def machine() -> str:
     dev = jax.devices()[0]
     return (f"{platform.node() or 'host'}: {dev.platform} {getattr(dev, 'device_kind', '')}, "
@@ -51,3 +58,22 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def transformers_config(config):
+    """transformers' `MiniMaxConfig` for an m1jax config (baseline only; torch/transformers are test extras)."""
+    from transformers import MiniMaxConfig
+
+    d = config.replace(hf_spelling="transformers", hf_source_json="{}").to_hf_dict()
+    for key in ("rotary_dim", "postnorm"):
+        d.pop(key, None)
+    return MiniMaxConfig(**d)
+
+
+def transformers_model(config, seed: int = 0):
+    """A random fp32 transformers `MiniMaxForCausalLM` of the same shape, in eval mode."""
+    import torch
+    from transformers import MiniMaxForCausalLM
+
+    torch.manual_seed(seed)
+    return MiniMaxForCausalLM(transformers_config(config)).eval()

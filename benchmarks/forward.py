@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import machine, matmul_flops, table, timeit  # noqa: E402
+from benchmarks.common import machine, matmul_flops, table, timeit, transformers_config, transformers_model  # noqa: E402
 from m1jax.config import LIGHTNING, ModelConfig  # noqa: E402
 from m1jax.model import MiniMaxM1  # noqa: E402
 from m1jax.modules.lightning import LightningAttention  # noqa: E402
@@ -37,7 +37,6 @@ def forward_flops(c: ModelConfig, t: int) -> float:
 
 def bench_prefill(c: ModelConfig, t: int, rows: list, peak: float):
     import torch
-    from transformers import MiniMaxConfig, MiniMaxForCausalLM
 
     tokens = np.random.default_rng(0).integers(0, c.vocab_size, (1, t))
     model = MiniMaxM1(c, rngs=nnx.Rngs(0))
@@ -45,11 +44,7 @@ def bench_prefill(c: ModelConfig, t: int, rows: list, peak: float):
     x = jnp.asarray(tokens)
     t_jax = timeit(lambda: fwd(model, x), repeat=5)
 
-    d = c.replace(hf_spelling="transformers", hf_source_json="{}").to_hf_dict()
-    for k in ("rotary_dim", "postnorm"):
-        d.pop(k, None)
-    torch.manual_seed(0)
-    hf = MiniMaxForCausalLM(MiniMaxConfig(**d)).eval()
+    hf = transformers_model(c)
     xt = torch.tensor(tokens)
     with torch.no_grad():
         hf(xt)
@@ -67,15 +62,11 @@ def bench_prefill(c: ModelConfig, t: int, rows: list, peak: float):
 
 def bench_lightning(c: ModelConfig, lengths: list[int], rows: list):
     import torch
-    from transformers import MiniMaxConfig
     from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention as HFLightning
 
     layer = LightningAttention(c, c.lightning_layers[0], rngs=nnx.Rngs(0))
     f = nnx.jit(lambda m, x: m(x)[0])
-    d = c.replace(hf_spelling="transformers", hf_source_json="{}").to_hf_dict()
-    for k in ("rotary_dim", "postnorm"):
-        d.pop(k, None)
-    hf = HFLightning(MiniMaxConfig(**d), 0).eval()
+    hf = HFLightning(transformers_config(c), 0).eval()
     for t in lengths:
         x = jax.random.normal(jax.random.PRNGKey(0), (1, t, c.hidden_size), jnp.float32)
         t_jax = timeit(lambda: f(layer, x), repeat=3)
