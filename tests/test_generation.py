@@ -251,3 +251,11 @@ def test_cli_generate_on_the_embedded_default(capsys):
     assert "6 generated" in err and "finish reason: length" in err
     assert main(["generate", "--max-new-tokens", "3", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_cache_memory_at_m1_scale():
+    from m1jax.cache import cache_memory
+
+    mem = cache_memory(ModelConfig.from_preset("minimax-m1-80k"), dtype="bfloat16")
+    assert mem["per_token"] == 40_960  # 10 softmax layers x K and V x 8 heads x 128 x 2 bytes
+    assert mem["per_sequence"] == 70 * 64 * 128 * 128 * 4 == 293_601_280  # ≈ 294 MB of fp32 lightning state
