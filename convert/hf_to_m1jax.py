@@ -33,8 +33,18 @@ from convert.errors import ConvertError
 from convert.hf_checkpoint import HFCheckpoint, copy_tokenizer_files
 from convert.hf_layout import ParamSpec
 from convert.journal import Journal, describe_differences
-from convert.m1jax_checkpoint import (ABSENT, COMPLETE, EMPTY, FORMAT, FORMAT_VERSION, INCOMPLETE, JOURNAL, MARKER,
-                                      PARAMS, directory_state)
+from convert.m1jax_checkpoint import (
+    ABSENT,
+    COMPLETE,
+    EMPTY,
+    FORMAT,
+    FORMAT_VERSION,
+    INCOMPLETE,
+    JOURNAL,
+    MARKER,
+    PARAMS,
+    directory_state,
+)
 from convert.orbax_store import OrbaxArrayStore, array_key, fsync_dir, write_json_atomic
 from convert.progress import Progress, human_bytes
 from convert.safetensors_io import DTYPE_NAMES, DTYPES

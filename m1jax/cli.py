@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     from convert.cli import add_subcommands
     add_subcommands(sub)
+    from train.cli import add_subcommands as add_train_subcommands
+    add_train_subcommands(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from synthetic_checkpoint import add_tensor, edit_tensor, read_index, real_m1, write_m1_layout, write_small
 
 import m1jax.cli
 from convert.errors import ConvertError, IncompleteCheckpointError
@@ -34,7 +35,6 @@ from convert.m1jax_to_hf import export_checkpoint, export_model, parse_size
 from convert.orbax_store import OrbaxArrayStore
 from m1jax.config import ModelConfig
 from m1jax.loading import abstract_model, from_pretrained
-from synthetic_checkpoint import (add_tensor, edit_tensor, read_index, real_m1, write_m1_layout, write_small)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

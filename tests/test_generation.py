@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_oracle import make_hf_model, save_original_layout
+
 from m1jax.config import ModelConfig
 from m1jax.demo import demo_model, demo_tokenizer
 from m1jax.generation import Engine, GenerationError, generate, load_state, save_state

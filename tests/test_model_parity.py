@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_oracle import make_hf_model, save_original_layout, save_transformers_layout
+from rc_reference import rc_forward
 
 from convert.hf_layout import expected_tensors
 from convert.safetensors_io import write_safetensors
-from hf_oracle import make_hf_model, save_original_layout, save_transformers_layout
 from m1jax.config import ModelConfig
 from m1jax.loading import from_pretrained
-from rc_reference import rc_forward
 
 TOL = 2e-5  # max |Δlogits| / max |logits|, fp32
 

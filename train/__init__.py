@@ -1,6 +1,8 @@
-"""m1jax RL training: CISPO / GRPO-clip losses, group advantages, reward functions, toy tasks.
+"""m1jax training: CISPO / GRPO-clip losses, group advantages, reward functions, toy tasks, and the trainers
+(`CISPOTrainer`, `SFTTrainer`; entry point `m1jax train cispo|sft --config FILE`, schema in `train.run_config`).
 
-Host-side pieces (advantages, rewards, sandbox, tasks) are numpy/stdlib; the losses are jit-compatible JAX.
+Host-side pieces (advantages, rewards, sandbox, tasks) are numpy/stdlib; the losses are jit-compatible JAX. The
+trainers (and their model/orbax imports) load lazily on first attribute access.
 """
 
 from train.advantages import dynamic_sampling_filter, group_advantages
@@ -24,12 +26,34 @@ from train.rewards import (
     math_answer_reward,
     think_format_reward,
 )
+from train.run_config import RunConfig, RunConfigError, load_run_config, parse_run_config
 from train.sandbox import SandboxLimits
 
+_LAZY = {
+    "CISPOTrainer": "train.cispo_trainer",
+    "SFTTrainer": "train.sft_trainer",
+    "sequence_logprobs": "train.logprobs",
+    "update_step": "train.update",
+    "make_optimizer": "train.optim",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'train' has no attribute {name!r}")
+
+
 __all__ = [
+    "CISPOTrainer",
     "RewardFunctionError",
     "RewardScores",
     "RewardSet",
+    "RunConfig",
+    "RunConfigError",
+    "SFTTrainer",
     "SandboxLimits",
     "aggregate_token_terms",
     "cispo_loss",
@@ -42,8 +66,13 @@ __all__ = [
     "group_advantages",
     "grpo_clip_loss",
     "grpo_clip_loss_and_metrics",
+    "load_run_config",
+    "make_optimizer",
     "make_code_reward",
     "math_answer_reward",
+    "parse_run_config",
+    "sequence_logprobs",
     "think_format_reward",
     "token_normalizer",
+    "update_step",
 ]

@@ -1,0 +1,119 @@
+"""The model a run trains: built from a preset, an inline HF config, an HF / m1jax checkpoint, or a previous
+training run; held as fp32 master parameters plus the dtypes the forward pass casts them to.
+
+    master θ (fp32, optimizer state fp32)  ──cast──▶  compute θ (config.param_dtype; router gates fp32)
+
+With a mesh, parameters are sharded by the m1jax rules table (`m1jax.sharding`) via `build_from_views`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1jax.config import ConfigError, ModelConfig
+from m1jax.loading import abstract_model, build_from_views
+from m1jax.model import MiniMaxM1
+from train.checkpointing import TrainCheckpointer, is_train_checkpoint_dir
+from train.run_config import ModelSpec, RunConfigError
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """config: the compute config; graphdef: the model structure; params: fp32 master `nnx.State`;
+    param_dtypes: per-leaf compute dtypes (static, in `jax.tree.leaves(params)` order)."""
+
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    param_dtypes: tuple[str, ...]
+
+
+def compute_dtypes(config: ModelConfig) -> tuple[str, ...]:
+    """Dtype names of every parameter of a model with `config` (leaf order of its state)."""
+    _, state = abstract_model(config)
+    return tuple(jnp.dtype(x.dtype).name for x in jax.tree.leaves(state))
+
+
+def _runtime(spec: ModelSpec) -> dict:
+    return {"dtype": spec.dtype, "param_dtype": "float32", "moe_impl": spec.moe_impl,
+            "lightning_impl": spec.lightning_impl}
+
+
+def _resolve_config(spec: ModelSpec) -> ModelConfig:
+    try:
+        if spec.preset is not None:
+            return ModelConfig.from_preset(spec.preset, **_runtime(spec))
+        return ModelConfig.from_hf_dict(spec.config, **_runtime(spec))
+    except ConfigError as e:
+        field = "model.preset" if spec.preset is not None else "model.config"
+        raise RunConfigError(f"run config field '{field}': {e}") from None
+
+
+def _shard(model: MiniMaxM1, mesh) -> MiniMaxM1:
+    """The same parameters laid out on `mesh` by the sharding rules."""
+    _, state = nnx.split(model)
+    views = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+    return build_from_views(model.config, views, mesh=mesh)
+
+
+def _checkpoint_root(path: Path) -> Path:
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
+    """The run's model (see module docstring); random init uses `nnx.Rngs(seed)`."""
+    param_dtype = spec.param_dtype or spec.dtype
+    if spec.checkpoint is not None:
+        path = Path(spec.checkpoint)
+        if not path.is_dir():
+            raise RunConfigError(f"run config field 'model.checkpoint': {path} is not a directory")
+        if is_train_checkpoint_dir(path):
+            root = _checkpoint_root(path)
+            try:
+                d = json.loads((root / MODEL_CONFIG_FILE).read_text())
+                config = ModelConfig.from_hf_dict(d, **_runtime(spec))
+            except (OSError, json.JSONDecodeError, ConfigError) as e:
+                raise RunConfigError(f"run config field 'model.checkpoint': no usable {MODEL_CONFIG_FILE} in "
+                                     f"{root}: {e}") from None
+            model = MiniMaxM1(config, rngs=nnx.Rngs(seed))
+            if mesh is not None:
+                model = _shard(model, mesh)
+            graphdef, params = nnx.split(model)
+            ckpt = TrainCheckpointer(root)
+            step = ckpt.latest_step()
+            params = ckpt.restore_params(step, params)
+            ckpt.close()
+        else:
+            from m1jax.loading import from_pretrained
+
+            model = from_pretrained(path, dtype=spec.dtype, param_dtype="float32", mesh=mesh,
+                                    lightning_impl=spec.lightning_impl, moe_impl=spec.moe_impl)
+            config = model.config
+            graphdef, params = nnx.split(model)
+    else:
+        config = _resolve_config(spec)
+        model = MiniMaxM1(config, rngs=nnx.Rngs(seed))
+        if mesh is not None:
+            model = _shard(model, mesh)
+        graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    compute_config = config.replace(param_dtype=param_dtype)
+    return ModelBundle(config=compute_config, graphdef=graphdef, params=params,
+                       param_dtypes=compute_dtypes(compute_config))
+
+
+def save_model_config(config: ModelConfig, directory: Path) -> None:
+    """`model_config.json` (HF dict) beside the checkpoints, so `model: {checkpoint: DIR}` can rebuild it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (MODEL_CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    tmp.replace(directory / MODEL_CONFIG_FILE)

@@ -1,0 +1,190 @@
+"""The jitted parameter update shared by every trainer: micro-batched gradient accumulation → one optax step.
+
+For an optimizer step over rows S = S_1 ∪ … ∪ S_M (micro-batches) with step-level denominators D_b computed
+ONCE over all of S (`train.losses.token_normalizer`):
+
+    loss(S) = Σ_j loss(S_j; D[S_j]),      ∇loss(S) = Σ_j ∇loss(S_j; D[S_j])          (sums — never means)
+
+so the update is identical (up to float summation order) for any M. The policy losses are CISPO / GRPO-clip
+(`train.losses`), the next-token loss is  Σ_bt mask_bt · (−logp_bt) / D_b  with D_b = the step's token count.
+
+Parameters are fp32 masters; each forward casts them to the model's compute dtypes (`param_dtypes`), so
+gradients and the AdamW moments stay fp32. All functions are module-level `jax.jit`s keyed on hashable statics
+(graphdef, dtypes, `LossSpec`, optimizer spec), so every trainer instance of the same model reuses the compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train.logprobs import sequence_logprobs
+from train.losses import aggregate_token_terms, cispo_loss_and_metrics, grpo_clip_loss_and_metrics
+from train.optim import make_optimizer
+from train.run_config import OptimizerSpec
+
+LOSS_KINDS = ("cispo", "grpo_clip", "nll")
+# Token statistics of the policy losses, summed as mean × num_tokens over micro-batches.
+_MEAN_STATS = ("clip_frac", "clip_frac_high", "clip_frac_low", "dropped_frac", "is_weight_mean", "ratio_mean",
+               "approx_kl")
+_MAX_STATS = ("is_weight_max", "ratio_max")
+_MIN_STATS = ("ratio_min",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Which loss and its static settings (hashable: a jit static)."""
+
+    kind: str = "cispo"
+    eps_low: float | None = None
+    eps_high: float = 4.0
+    masked: bool = False
+    max_log_ratio: float = 20.0
+    aux_loss_coef: float = 0.0
+    entropy_bonus: bool = False  # add −β·H (β a traced argument of `update_step`, so it may follow a schedule)
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {self.kind!r}")
+
+
+def cast_params(params, param_dtypes: tuple[str, ...]):
+    """Master parameters cast leaf by leaf to the model's compute dtypes (same tree)."""
+    leaves, treedef = jax.tree.flatten(params)
+    if len(leaves) != len(param_dtypes):
+        raise ValueError(f"{len(param_dtypes)} dtypes for {len(leaves)} parameters")
+    return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(leaves, param_dtypes)])
+
+
+def compute_model(graphdef, params, param_dtypes):
+    """The model at `params` in its compute dtypes (works inside and outside jit)."""
+    return nnx.merge(graphdef, cast_params(params, param_dtypes))
+
+
+# ----------------------------------------------------------------------------------------------- forward
+@partial(jax.jit, static_argnames=("graphdef", "param_dtypes"))
+def forward_logprobs(params, tokens_BxL, valid_BxL, *, graphdef, param_dtypes):
+    """(logp_BxL, entropy_BxL) of `sequence_logprobs` at `params`, no gradient (π_old, entropy, evaluation)."""
+    model = compute_model(graphdef, params, param_dtypes)
+    out = sequence_logprobs(model, tokens_BxL, valid_BxL=valid_BxL, with_entropy=True)
+    return out.logp_BxL, out.entropy_BxL
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def batch_loss(params, batch: dict, entropy_coef=0.0, *, graphdef, param_dtypes, spec: LossSpec, aux_weight: float):
+    """(loss, stats) of one micro-batch. `batch`: tokens_BxL, valid_BxL, mask_BxL (tokens that count),
+    denom_B (step-level D_b slice) and, for the policy losses, old_logp_BxL and adv_B.
+
+    stats: sums over the micro-batch (num_tokens, loss, and mean-stat × num_tokens) plus extrema, ready to be
+    combined across micro-batches by `_combine`.
+    """
+    model = compute_model(graphdef, params, param_dtypes)
+    out = sequence_logprobs(model, batch["tokens_BxL"], valid_BxL=batch["valid_BxL"],
+                            with_entropy=spec.entropy_bonus, with_aux_loss=spec.aux_loss_coef > 0)
+    mask_BxL = batch["mask_BxL"]
+    if spec.kind == "nll":
+        loss = aggregate_token_terms(-out.logp_BxL, mask_BxL, batch["denom_B"])
+        n = jnp.sum(mask_BxL != 0).astype(jnp.float32)
+        stats = {"num_tokens": n, "nll_sum": jnp.sum(jnp.where(mask_BxL != 0, -out.logp_BxL, 0.0))}
+    else:
+        fn = cispo_loss_and_metrics if spec.kind == "cispo" else grpo_clip_loss_and_metrics
+        kw = {"masked": spec.masked} if spec.kind == "cispo" else {}
+        loss, metrics = fn(out.logp_BxL, batch["old_logp_BxL"], batch["adv_B"], mask_BxL, None,
+                           eps_low=spec.eps_low, eps_high=spec.eps_high, normalizer=batch["denom_B"],
+                           max_log_ratio=spec.max_log_ratio, **kw)
+        n = metrics["num_tokens"].astype(jnp.float32)
+        stats = {"num_tokens": n}
+        stats.update({f"{k}_sum": metrics[k] * n for k in _MEAN_STATS})
+        stats.update({k: metrics[k] for k in _MAX_STATS + _MIN_STATS})
+    stats["policy_loss"] = loss
+    if spec.entropy_bonus:  # optional −β·Σ_bt mask_bt H_bt / D_b (not part of CISPO proper; β may decay to 0)
+        bonus = entropy_coef * aggregate_token_terms(out.entropy_BxL, mask_BxL, batch["denom_B"])
+        stats["entropy_bonus"] = bonus
+        loss = loss - bonus
+    if spec.aux_loss_coef > 0:
+        aux = spec.aux_loss_coef * aux_weight * out.aux_loss
+        stats["aux_loss"] = aux
+        loss = loss + aux
+    return loss, jax.lax.stop_gradient(stats)
+
+
+def _combine(acc: dict, new: dict) -> dict:
+    out = {}
+    for k, v in new.items():
+        if k in _MAX_STATS:
+            out[k] = jnp.maximum(acc[k], v)
+        elif k in _MIN_STATS:
+            out[k] = jnp.minimum(acc[k], v)
+        else:
+            out[k] = acc[k] + v
+    return out
+
+
+def _finalize(stats: dict) -> dict:
+    n = stats["num_tokens"]
+    out = {k: v for k, v in stats.items() if not k.endswith("_sum")}
+    for k, v in stats.items():
+        if k.endswith("_sum"):
+            out[k[:-4] if k != "nll_sum" else "nll"] = v / jnp.maximum(n, 1.0)
+    # Extrema of a step without tokens are reported as 0, not ±inf.
+    for k in _MAX_STATS + _MIN_STATS:
+        if k in out:
+            out[k] = jnp.where(n > 0, out[k], 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- update
+def accumulate_gradients(params, batch: dict, *, graphdef, param_dtypes, spec: LossSpec, micro_batches: int,
+                         entropy_coef=0.0):
+    """(Σ_j ∇loss_j, combined stats) over `micro_batches` equal row slices of `batch` (a `lax.scan`)."""
+    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+    kw = dict(graphdef=graphdef, param_dtypes=param_dtypes, spec=spec, aux_weight=1.0 / micro_batches)
+    if micro_batches == 1:
+        (_, stats), grads = grad_fn(params, batch, entropy_coef, **kw)
+        return grads, stats
+    rows = batch["tokens_BxL"].shape[0]
+    if rows % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches} must divide the {rows} rows of the batch")
+    split = jax.tree.map(lambda x: x.reshape(micro_batches, rows // micro_batches, *x.shape[1:]), batch)
+    first = jax.tree.map(lambda x: x[0], split)
+    (_, stats0), grads0 = grad_fn(params, first, entropy_coef, **kw)
+
+    def body(carry, mb):
+        grads, stats = carry
+        (_, s), g = grad_fn(params, mb, entropy_coef, **kw)
+        return (jax.tree.map(jnp.add, grads, g), _combine(stats, s)), None
+
+    rest = jax.tree.map(lambda x: x[1:], split)
+    (grads, stats), _ = jax.lax.scan(body, (grads0, stats0), rest)
+    return grads, stats
+
+
+@partial(jax.jit, static_argnames=("graphdef", "param_dtypes", "spec", "optimizer", "total_steps", "micro_batches"),
+         donate_argnums=(0, 1))
+def update_step(params, opt_state, batch: dict, entropy_coef=0.0, *, graphdef, param_dtypes, spec: LossSpec,
+                optimizer: OptimizerSpec, total_steps: int, micro_batches: int = 1):
+    """One optimizer step on `batch` (see `batch_loss` for its keys; `denom_B` computed over the whole batch).
+
+    Returns (params, opt_state, stats) with stats: loss (Σ over micro-batches), grad_norm (‖Σ∇‖₂ before
+    clipping), num_tokens, and the token statistics of the loss. `params` and `opt_state` are donated.
+    `entropy_coef` (β, traced: a schedule does not recompile) is used only if `spec.entropy_bonus`.
+    """
+    grads, stats = accumulate_gradients(params, batch, graphdef=graphdef, param_dtypes=param_dtypes, spec=spec,
+                                        micro_batches=micro_batches, entropy_coef=entropy_coef)
+    tx = make_optimizer(optimizer, total_steps)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    stats = _finalize(stats)
+    stats["grad_norm"] = optax.tree.norm(grads)
+    stats["loss"] = stats["policy_loss"] + stats.get("aux_loss", 0.0) - stats.get("entropy_bonus", 0.0)
+    return params, opt_state, stats
+
+
+def init_optimizer_state(params, optimizer: OptimizerSpec, total_steps: int):
+    """AdamW state for `params` (moments shaped and sharded like the fp32 master parameters)."""
+    return make_optimizer(optimizer, total_steps).init(params)
