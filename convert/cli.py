@@ -63,7 +63,8 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="m1jax checkpoint → HF safetensors (original MiniMax-M1 layout)",
         description="Export a converted m1jax checkpoint as an HF checkpoint in the original MiniMax-M1 layout "
-                    "(block_sparse_moe.experts.E.w1/w2/w3, fp32 router gates), loadable by transformers (the layout vLLM also reads).",
+                    "(block_sparse_moe.experts.E.w1/w2/w3, fp32 router gates), loadable by transformers (the "
+                    "layout vLLM also reads).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="m1jax checkpoint directory written by `m1jax convert`")
     p.add_argument("dst", help="output directory (absent or empty)")

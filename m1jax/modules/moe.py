@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1jax.config import ModelConfig
+from m1jax.modules.unfused import dot_boundary
 from m1jax.weights import DTYPE, param
 
 TILE_ROWS = 128
@@ -53,8 +54,10 @@ def _combine(out_TxKxD, weights_TxK):
 def experts_gather(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
     """Per (token, choice): FFN with the gathered weights W[e_tk] (reads only the chosen experts)."""
     w1, w3, w2 = w1_ExDxF[experts_TxK], w3_ExDxF[experts_TxK], w2_ExFxD[experts_TxK]
-    h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x_TxD, w1)) * jnp.einsum("td,tkdf->tkf", x_TxD, w3)
-    return _combine(jnp.einsum("tkf,tkfd->tkd", h, w2), weights_TxK)
+    x_TxD, w1, w3, w2 = dot_boundary((x_TxD, w1, w3, w2))
+    a, b = dot_boundary((jnp.einsum("td,tkdf->tkf", x_TxD, w1), jnp.einsum("td,tkdf->tkf", x_TxD, w3)))
+    h = dot_boundary(jax.nn.silu(a) * b)
+    return _combine(dot_boundary(jnp.einsum("tkf,tkfd->tkd", h, w2)), weights_TxK)
 
 
 def _sort_assignments(experts_TxK, num_experts):

@@ -67,24 +67,22 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
         return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
 
     # Long key range (a big cache): visit key blocks, only up to `num_slots`, with an online softmax; each block
-    # is sliced from the cache in its own layout, so a step reads just the filled part of the cache.
+    # is sliced from the cache in its own layout, so a step reads just the filled part of the cache. The last
+    # block is slid back to end at slot S (no padded copy of the cache); slots an earlier block covered are masked.
     kb = KEY_BLOCK
     n_blocks_static = -(-s // kb)
-    pad = n_blocks_static * kb - s
     k, v = k_BxSxKxD, v_BxSxKxD
-    if pad:
-        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        kv_valid_BxS = jnp.pad(kv_valid_BxS, ((0, 0), (0, pad)))
 
     def body(i, carry):
         m, den, acc = carry
-        start = i * kb
+        first = i * kb
+        start = jnp.minimum(first, s - kb)
         kblk = jax.lax.dynamic_slice_in_dim(k, start, kb, axis=1).transpose(0, 2, 1, 3)
         vblk = jax.lax.dynamic_slice_in_dim(v, start, kb, axis=1).transpose(0, 2, 1, 3)
-        valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1)
+        slots = start + jnp.arange(kb)
+        valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1) & (slots >= first)[None, :]
         sc = jnp.einsum("bkgld,bksd->bkgls", q, kblk, preferred_element_type=jnp.float32) * scale
-        sc = jnp.where(_visible(valid_blk, start + jnp.arange(kb), q_slot_L), sc, NEG)
+        sc = jnp.where(_visible(valid_blk, slots, q_slot_L), sc, NEG)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(sc - m_new[..., None])
