@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,6 +294,31 @@ def test_micro_batches_sum_to_the_one_batch_update(bundle):
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(bundle.params)))
+
+
+def test_bf16_compute_keeps_fp32_masters_and_moments(bundle):
+    """model.dtype=bfloat16: the forward runs in bf16 (router and LM head stay fp32), while the master parameters
+    and the AdamW moments stay fp32; the bf16 token log-probs stay close to the fp32 ones."""
+    import optax
+
+    bf16 = build_model(load_run_config(EXAMPLE, "cispo", ["model.dtype=bfloat16", "output_dir=/tmp/unused"]).model,
+                       seed=0)
+    assert "bfloat16" in bf16.param_dtypes and "float32" in bf16.param_dtypes  # router gates stay fp32
+    batch = _synthetic_batch(bundle)
+    params, opt, stats = _step(bf16, bf16.params, batch)
+    assert np.isfinite(float(stats["loss"]))
+    chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    adam = [s for s in jax.tree.leaves(opt, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert adam and all(x.dtype == jnp.float32 for x in jax.tree.leaves((adam[0].mu, adam[0].nu)))
+    lp32, _ = forward_logprobs(bundle.params, jnp.asarray(batch["tokens_BxL"]), jnp.asarray(batch["valid_BxL"]),
+                               graphdef=bundle.graphdef, param_dtypes=bundle.param_dtypes)
+    lp16, _ = forward_logprobs(bf16.params, jnp.asarray(batch["tokens_BxL"]), jnp.asarray(batch["valid_BxL"]),
+                               graphdef=bf16.graphdef, param_dtypes=bf16.param_dtypes)
+    assert lp16.dtype == jnp.float32
+    rel = float(jnp.max(jnp.abs(lp16 - lp32)) / jnp.max(jnp.abs(lp32)))
+    print(f"bf16 vs fp32 token log-prob max rel err {rel:.2e}")
+    assert rel < 2e-2
 
 
 def test_mesh_training_step_equals_single_device(bundle):
