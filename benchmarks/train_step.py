@@ -47,6 +47,7 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int) -> list:
         history = trainer.run(resume=False)
         total = time.perf_counter() - t0
         trainer.close()
+        bare = bare_generation_time(trainer, cfg, repeat=3)
     timed = history[warmup:]
     med = {k: statistics.median(m[k] for m in timed) for k in ("time_rollout_s", "time_update_s", "time_step_s",
                                                                  "rollout_tokens_per_s", "update_tokens_per_s",
@@ -57,8 +58,25 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int) -> list:
     share = med["time_rollout_s"] / med["time_step_s"]
     return [name, f"{n_params / 1e6:.2f}M", f"{rows}×{r.max_new_tokens}", cfg.cispo.num_minibatches,
             med["response_tokens"], med["time_rollout_s"], med["time_update_s"], f"{100 * share:.0f}%",
-            med["rollout_tokens_per_s"], med["update_tokens_per_s"], med["tokens_per_s"],
-            history[0]["time_step_s"], total]
+            med["rollout_tokens_per_s"], med["update_tokens_per_s"], med["tokens_per_s"], bare,
+            f"{med['time_rollout_s'] / bare:.2f}x", history[0]["time_step_s"], total]
+
+
+def bare_generation_time(trainer, cfg, repeat: int) -> float:
+    """Median seconds of the engine alone generating one step's rollout batch (compiled already)."""
+    from m1jax.generation import Engine
+    from train.rollout import sample_groups
+    from train.update import compute_model
+
+    prompts = [p.ids for p in trainer.data.next_batch(cfg.rollout.num_prompts)]
+    engine = Engine(compute_model(trainer.model.graphdef, trainer.params, trainer.model.param_dtypes),
+                    trainer.tokenizer, prefill_chunk=cfg.rollout.prefill_chunk)
+    times = []
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+        sample_groups(engine, prompts, cfg.rollout.group_size, trainer.sampling, run_seed=cfg.seed, step=10**6 + i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -70,8 +88,8 @@ def main() -> None:
     rows = [bench(name, CONFIGS[name], args.steps, args.warmup) for name in args.configs.split(",")]
     print(f"CISPO trainer step, {machine()}; median of {args.steps} steps after {args.warmup} warm-up steps\n")
     print(table(["config", "params", "rows × max new", "μ", "response tok/step", "rollout s/step", "update s/step",
-                 "rollout share", "rollout tok/s", "update tok/s", "step tok/s", "first step s (compile)",
-                 "total s"], rows))
+                 "rollout share", "rollout tok/s", "update tok/s", "step tok/s", "bare engine s (baseline)",
+                 "rollout / bare", "first step s (compile)", "total s"], rows))
 
 
 if __name__ == "__main__":
