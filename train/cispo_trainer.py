@@ -40,23 +40,11 @@ def make_prompt_source(cfg: RunConfig, tokenizer):
     return JsonlPrompts(cfg.task.path, tokenizer, cfg.seed, prompt_field=cfg.task.prompt_field)
 
 
-def load_tokenizer(path: str | None):
-    if path is None:
-        return None
-    from m1jax.tokenizer import Tokenizer
-
-    try:
-        return Tokenizer.from_pretrained(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise RunConfigError(f"run config field 'tokenizer': {e}") from None
-
-
 class CISPOTrainer(TrainLoop):
     """`CISPOTrainer(cfg).run()`; see the module docstring for one step."""
 
     def __init__(self, cfg: RunConfig, **kw):
         super().__init__(cfg, **kw)
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.data = make_prompt_source(cfg, self.tokenizer)
         vocab = getattr(self.data, "vocab_size", None)
         if vocab is not None and self.model.config.vocab_size < vocab:

@@ -33,7 +33,7 @@ from train.data_sources import stream_rng
 from train.metrics_log import MetricsLog
 from train.model_setup import ModelBundle, build_model, save_model_config
 from train.optim import learning_rate_schedule, optimizer_step_count, schedule_horizon
-from train.run_config import RunConfig
+from train.run_config import RunConfig, RunConfigError
 from train.update import init_optimizer_state
 
 KILL_ENV = "M1JAX_TRAIN_KILL_AT_STEP"
@@ -47,7 +47,8 @@ def config_digest(cfg: RunConfig) -> str:
 
 
 class TrainLoop:
-    """Base class: subclasses set `self.data` (with state_dict/load_state_dict) and implement `train_step`."""
+    """Base class: subclasses set `self.data` (with state_dict/load_state_dict) and implement `train_step`;
+    `self.tokenizer` is the run's tokenizer or None."""
 
     def __init__(self, cfg: RunConfig, *, model: ModelBundle | None = None):
         self.cfg = cfg
@@ -69,6 +70,7 @@ class TrainLoop:
         save_model_config(self.model.config, cfg.checkpoint_dir)
         self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), progress=cfg.log.progress,
                                   tensorboard=cfg.log.tensorboard, total_steps=cfg.steps)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.data = None
         self.started = time.perf_counter()
 
@@ -133,6 +135,18 @@ class TrainLoop:
     def close(self) -> None:
         self.checkpointer.close()
         self.metrics.close()
+
+
+def load_tokenizer(path: str | None):
+    """The run's tokenizer (`tokenizer: DIR` in the run config), or None for token-level tasks."""
+    if path is None:
+        return None
+    from m1jax.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunConfigError(f"run config field 'tokenizer': {e}") from None
 
 
 def to_host(tree) -> dict:

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 
-from train.cispo_trainer import load_tokenizer
 from train.data_sources import SftExamples
 from train.loop import TrainLoop, as_batch, to_host
 from train.losses import token_normalizer
@@ -26,7 +25,6 @@ class SFTTrainer(TrainLoop):
 
     def __init__(self, cfg: RunConfig, **kw):
         super().__init__(cfg, **kw)
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.data = SftExamples(cfg.sft.data, cfg.sft.seq_len, tokenizer=self.tokenizer, seed=cfg.seed,
                                 vocab_size=self.model.config.vocab_size)
         self.loss_spec = LossSpec(kind="nll", aux_loss_coef=cfg.sft.router_aux_loss_coef)
