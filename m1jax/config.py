@@ -28,7 +28,7 @@ LAYER_KINDS = (LIGHTNING, SOFTMAX)
 
 DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLS = ("auto", "xla", "pallas")
-MOE_IMPLS = ("auto", "ragged", "tiled", "dense")
+MOE_IMPLS = ("auto", "ragged", "tiled", "gather", "switch", "dense")
 
 RC_DEFAULT_BLOCK_SIZE = 256
 
@@ -98,7 +98,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of weights (router gates always float32)
     lightning_impl: str = "auto"  # "xla" | "pallas" | "auto"
-    moe_impl: str = "auto"  # "ragged" | "tiled" | "dense" | "auto"
+    moe_impl: str = "auto"  # "ragged" | "tiled" | "gather" | "switch" | "dense" | "auto"
 
     # --- provenance, for a lossless write-back ---
     hf_spelling: Literal["remote_code", "transformers"] = "remote_code"

@@ -30,6 +30,7 @@ from jax.experimental import io_callback
 
 from m1jax.cache import Cache, init_cache
 from m1jax.config import ModelConfig
+from m1jax.modules.moe import choose_impl, unstack_experts
 from m1jax.sampling import SamplingParams, sample_tokens, step_keys
 
 FINISH_REASONS = ("running", "stop", "length", "repetition", "stop_string")
@@ -161,9 +162,12 @@ class Engine:
     """Batched generation for one model. Compiled functions are shared by every engine of the same model
     structure, so creating engines is cheap."""
 
-    def __init__(self, model, tokenizer=None, *, prefill_chunk: int = 4096, max_len: int | None = None):
+    def __init__(self, model, tokenizer=None, *, prefill_chunk: int = 4096, max_len: int | None = None,
+                 unstack_experts: bool = True):
         self.config: ModelConfig = model.config
         self.graphdef, self.params = nnx.split(model)
+        self.unstack_experts = unstack_experts
+        self._unstacked = None
         self.tokenizer = tokenizer
         if prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk must be ≥ 1, got {prefill_chunk}")
@@ -238,6 +242,18 @@ class Engine:
         return EngineState(cache=cache, positions_B=jnp.asarray(start_pos + lens, jnp.int32), next_logits_BxV=logits)
 
     # ------------------------------------------------------------------- decode
+    def _decode_params(self, batch: int):
+        """The parameters the decode loop reads: on CPU, when `batch`·k ≤ E makes the MoE branch per expert
+        (`experts_switch`), a per-expert copy of the expert weights made once per engine (`unstack_experts`:
+        no slice copies per step, at the price of the expert weights' memory once more)."""
+        c = self.config
+        if (not self.unstack_experts or jax.default_backend() != "cpu"
+                or choose_impl(c.moe_impl, batch * c.num_experts_per_tok, c.num_local_experts) != "switch"):
+            return self.params
+        if self._unstacked is None:
+            self._unstacked = unstack_experts(self.params)
+        return self._unstacked
+
     def decode(self, state: EngineState, sampling: SamplingParams | Sequence[SamplingParams], *,
                callback: Callable | None = None, prompt_tokens: Sequence[int] | None = None,
                consume_state: bool = False) -> tuple[list[GenerationResult], EngineState]:
@@ -287,7 +303,7 @@ class Engine:
             _HOOKS[hook_id] = hook
         try:
             (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
-                self.graphdef, hook is not None, self.params, state, sp, jnp.asarray(max_new, jnp.int32),
+                self.graphdef, hook is not None, self._decode_params(b), state, sp, jnp.asarray(max_new, jnp.int32),
                 jnp.asarray(hook_id, jnp.int32))
             toks = np.asarray(toks)  # waits for the loop (and its host callbacks) to finish
         finally:

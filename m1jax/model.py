@@ -19,7 +19,7 @@ from m1jax.config import LIGHTNING, ModelConfig
 from m1jax.modules.decoder import DecoderLayer
 from m1jax.modules.norm import rms_norm
 from m1jax.modules.rope import rope_tables
-from m1jax.modules.unfused import dot_boundary
+from m1jax.modules.unfused import dot_boundary, linear
 from m1jax.sharding import constrain
 from m1jax.weights import DTYPE, param
 
@@ -105,5 +105,4 @@ class MiniMaxM1(nnx.Module):
     def lm_head_logits(self, h_BxLxD: jax.Array) -> jax.Array:
         """fp32 LM head: logits = h·W_lm with both operands in fp32 (tech report §3.2)."""
         h = dot_boundary(h_BxLxD.astype(jnp.float32))
-        return dot_boundary(jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(jnp.float32),
-                                       precision=jax.lax.Precision.HIGHEST))
+        return dot_boundary(linear(h, self.lm_head[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST))

@@ -102,6 +102,20 @@ def test_cached_decode_logits_equal_full_forward(tiny):
         assert rel(out.logits[:, 0], full[:, i]) <= 1e-5, i
 
 
+def test_batch1_decode_on_unstacked_experts_equals_stacked_and_full_forward(tiny, prompts, full_logits):
+    """Batch 1 on CPU decodes with a per-expert copy of the weights (`unstack_experts`, made once per engine):
+    same tokens and log-probs as the stacked weights, log-probs equal to a full forward."""
+    eng = Engine(tiny, prefill_chunk=8)
+    r = eng.generate([prompts[1]], GREEDY)[0]
+    assert (eng._unstacked is not None) == (jax.default_backend() == "cpu")
+    ref = Engine(tiny, prefill_chunk=8, unstack_experts=False).generate([prompts[1]], GREEDY)[0]
+    assert r.tokens == ref.tokens
+    np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+    logp = np.asarray(jax.nn.log_softmax(full_logits([prompts[1] + r.tokens])[0], -1))
+    n = len(prompts[1])
+    np.testing.assert_allclose(r.logprobs, logp[np.arange(n - 1, n + len(r.tokens) - 1), r.tokens], atol=1e-4)
+
+
 def test_engine_logprobs_equal_full_forward_of_each_sequence(tiny, prompts, full_logits):
     results = Engine(tiny, prefill_chunk=8).generate(prompts, GREEDY)
     fulls = full_logits([p + r.tokens for p, r in zip(prompts, results, strict=True)])

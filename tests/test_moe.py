@@ -17,7 +17,7 @@ def weights(e=6, d=16, f=24, seed=0):
             0.2 * jax.random.normal(ks[2], (e, d, f)), 0.2 * jax.random.normal(ks[3], (e, f, d)))
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged", "tiled"])
+@pytest.mark.parametrize("impl", ["gather", "switch", "ragged", "tiled"])
 @pytest.mark.parametrize("tokens, k", [(1, 2), (5, 2), (64, 2), (300, 3)])
 def test_dispatch_equals_dense(impl, tokens, k):
     gate, w1, w3, w2 = weights()
@@ -40,7 +40,7 @@ def test_tiled_handles_skewed_routing_and_empty_experts():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+@pytest.mark.parametrize("impl", ["switch", "ragged", "tiled"])
 def test_dispatch_gradients_equal_dense(impl):
     gate, w1, w3, w2 = weights(seed=3)
     x = jax.random.normal(jax.random.PRNGKey(4), (40, 16))
@@ -53,6 +53,40 @@ def test_dispatch_gradients_equal_dense(impl):
     g = jax.grad(lambda *a: loss(moe.EXPERT_IMPLS[impl], *a), argnums=(0, 1, 2, 3))(x, w1, w3, w2)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_switch_reads_unstacked_expert_tuples():
+    gate, w1, w3, w2 = weights(e=5)
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 16))
+    _, wts, idx = moe.route(x, gate, 2)
+    ref = moe.experts_dense(x, w1, w3, w2, wts, idx)
+    tuples = [tuple(w[e] for e in range(5)) for w in (w1, w3, w2)]
+    got = jax.jit(moe.experts_switch)(x, *tuples, wts, idx)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_unstacked_model_parameters_give_the_same_forward(tokens):
+    """`unstack_experts` turns each expert weight into a tuple; decode-sized inputs branch into it, larger ones
+    stack it back — both equal the model with stacked weights."""
+    from m1jax.demo import demo_model
+
+    model = demo_model("tiny", seed=1)
+    graphdef, params = nnx.split(model)
+    unstacked = moe.unstack_experts(params)
+    w1 = unstacked["layers"][0]["block_sparse_moe"]["w1"].get_value()
+    assert isinstance(w1, tuple) and len(w1) == model.config.num_local_experts
+    chex.assert_trees_all_equal(w1[2], params["layers"][0]["block_sparse_moe"]["w1"].get_value()[2])
+    assert not isinstance(unstacked["layers"][0]["block_sparse_moe"]["gate"].get_value(), tuple)
+    tok = jax.random.randint(jax.random.PRNGKey(0), (1, tokens), 0, model.config.vocab_size)
+    fwd = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)
+    np.testing.assert_allclose(fwd(unstacked, tok), fwd(params, tok), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_switch_for_decode_on_cpu_only_when_small():
+    assert moe.choose_impl("auto", 2, 8) == ("switch" if jax.default_backend() == "cpu" else "gather")
+    assert moe.choose_impl("auto", 16, 8) == ("tiled" if jax.default_backend() == "cpu" else "ragged")
+    assert moe.choose_impl("dense", 2, 8) == "dense"
 
 
 def test_router_is_softmax_then_topk_then_renormalise():

@@ -16,6 +16,7 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.modules.norm import rms_norm
+from m1jax.modules.unfused import linear
 from m1jax.sharding import logical_to_spec
 from m1jax.weights import DTYPE, param
 from pallas_kernels import lightning_attention, lightning_decode
@@ -96,7 +97,7 @@ class LightningAttention(nnx.Module):
         dt = DTYPE[c.dtype]
         hd = c.head_dim
         x_BxLxD = x_BxLxD.astype(dt)
-        qkv_BxLxHx3D = jax.nn.silu(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.qkv_proj[...].astype(dt)))
+        qkv_BxLxHx3D = jax.nn.silu(linear(x_BxLxD, self.qkv_proj[...].astype(dt)))
         q, k, v = qkv_BxLxHx3D[..., :hd], qkv_BxLxHx3D[..., hd:2 * hd], qkv_BxLxHx3D[..., 2 * hd:]
         if valid_BxL is not None:
             keep = valid_BxL[:, :, None, None]
@@ -117,8 +118,8 @@ class LightningAttention(nnx.Module):
         b, l, h, _ = o_BxLxHxD.shape
         o_BxLxHD = rms_norm(o_BxLxHxD.astype(dt).reshape(b, l, h * hd), self.norm[...].reshape(h * hd),
                             c.lightning_norm_eps)
-        gate_BxLxHxD = jax.nn.sigmoid(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.output_gate[...].astype(dt)))
-        y = jnp.einsum("blhk,hkd->bld", gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), self.out_proj[...].astype(dt))
+        gate_BxLxHxD = jax.nn.sigmoid(linear(x_BxLxD, self.output_gate[...].astype(dt)))
+        y = linear(gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), self.out_proj[...].astype(dt), contract=2)
         return y, state
 
     def _prefill(self, q, k, v, slope_H, state):

@@ -7,6 +7,9 @@
 Expert computation (all exact and dropless; `moe_impl` picks one, "auto" by backend and size):
 * "dense"  — every expert on every token, combined by the routing weights (the reference);
 * "gather" — each (token, choice) pair multiplies its expert's gathered weights (tiny token counts: decode);
+* "switch" — each (token, choice) pair branches (`lax.switch`) on its expert id into that expert's SwiGLU
+             (tiny token counts on CPU); with `unstack_experts` the weights are read where they lie, never
+             copied;
 * "ragged" — assignments sorted by expert + `jax.lax.ragged_dot` (GPU/TPU grouped GEMM kernels);
 * "tiled"  — assignments sorted by expert, processed in row tiles, each tile one expert's GEMM (CPU, where
              `ragged_dot` lowers densely): FLOPs ≈ the true FLOPs plus at most one partial tile per expert.
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1jax.config import ModelConfig
-from m1jax.modules.unfused import dot_boundary
+from m1jax.modules.unfused import dot_boundary, linear
 from m1jax.weights import DTYPE, param
 
 TILE_ROWS = 128
@@ -58,6 +61,33 @@ def experts_gather(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     a, b = dot_boundary((jnp.einsum("td,tkdf->tkf", x_TxD, w1), jnp.einsum("td,tkdf->tkf", x_TxD, w3)))
     h = dot_boundary(jax.nn.silu(a) * b)
     return _combine(dot_boundary(jnp.einsum("tkf,tkfd->tkd", h, w2)), weights_TxK)
+
+
+def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+    """Per (token, choice): y_tk = FFN_{e_tk}(x_t) by `lax.switch(e_tk, [FFN_0, …, FFN_{E−1}])`.
+
+    The weights are stacked arrays `[E, …]` or tuples of E arrays (`unstack_experts`); branch e reads W[e].
+    Gathering W[e_tk] writes a transposed copy of every chosen expert before the products (≈ 3× the weight
+    traffic of a decode step); a branch reads its expert's weights in place, and its gate/up products are
+    independent, so XLA:CPU runs them concurrently. Tokens are a loop (`lax.map`), so the program holds k
+    switches whatever T is.
+    """
+    k = experts_TxK.shape[1]
+
+    def branch(e):
+        def ffn(x_D):
+            x_1xD = x_D[None]
+            a, b = linear(x_1xD, w1_ExDxF[e]), linear(x_1xD, w3_ExDxF[e])
+            return linear(jax.nn.silu(a) * b, w2_ExFxD[e])[0]
+        return ffn
+
+    branches = [branch(e) for e in range(len(w1_ExDxF))]
+
+    def token(args):
+        x_D, e_K = args
+        return jnp.stack([jax.lax.switch(e_K[j], branches, x_D) for j in range(k)])
+
+    return _combine(jax.lax.map(token, (x_TxD, experts_TxK)), weights_TxK)
 
 
 def _sort_assignments(experts_TxK, num_experts):
@@ -118,16 +148,27 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
     return _combine(out_AxD.reshape(t, k, -1), weights_TxK)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "gather": experts_gather, "ragged": experts_ragged, "tiled": experts_tiled}
+EXPERT_IMPLS = {"dense": experts_dense, "gather": experts_gather, "switch": experts_switch, "ragged": experts_ragged,
+                "tiled": experts_tiled}
 
 
 def choose_impl(impl: str, num_assignments: int, num_experts: int) -> str:
-    """"auto": gather for decode-sized inputs, else ragged_dot on GPU/TPU and tiles on CPU."""
+    """"auto": for decode-sized inputs switch on CPU and gather elsewhere; else tiles on CPU, ragged_dot on
+    GPU/TPU."""
     if impl != "auto":
         return impl
+    cpu = jax.default_backend() == "cpu"
     if num_assignments <= num_experts:
-        return "gather"
-    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+        return "switch" if cpu else "gather"
+    return "tiled" if cpu else "ragged"
+
+
+def _compute_weight(v, dt, *, keep_tuple: bool):
+    """An expert weight in the compute dtype; one held unstacked (a tuple, `unstack_experts`) stays a tuple
+    for `experts_switch` and is stacked again for the other implementations."""
+    if isinstance(v, tuple):
+        return tuple(x.astype(dt) for x in v) if keep_tuple else jnp.stack(v).astype(dt)
+    return v.astype(dt)
 
 
 class MoE(nnx.Module):
@@ -151,10 +192,30 @@ class MoE(nnx.Module):
         x_TxD = x_BxLxD.reshape(b * l, d).astype(dt)
         probs_TxE, weights_TxK, experts_TxK = route(x_TxD, self.gate[...], c.num_experts_per_tok)
         name = choose_impl(impl or c.moe_impl, experts_TxK.size, c.num_local_experts)
-        y_TxD = EXPERT_IMPLS[name](x_TxD, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt),
-                                   weights_TxK.astype(dt), experts_TxK)
+        ws = [_compute_weight(w.get_value(), dt, keep_tuple=name == "switch") for w in (self.w1, self.w3, self.w2)]
+        y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK)
         stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
         return y_TxD.astype(dt).reshape(b, l, d), stats
+
+
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
+
+def unstack_experts(params: nnx.State) -> nnx.State:
+    """`params` (from `nnx.split(model)`) with every MoE expert weight `[E, …]` held as a tuple of E arrays.
+
+    For decoding on CPU: XLA:CPU copies a slice of a stacked array before multiplying it (`experts_switch`
+    then writes and re-reads each chosen expert, ≈ 0.15 ms per 2 MB matrix here), but reads a tuple element
+    where it lies. The tuple is a second copy of the expert weights in memory.
+    """
+
+    def unstack(path, v):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if len(names) >= 3 and names[-3] == "block_sparse_moe" and names[-2] in EXPERT_WEIGHTS:
+            return tuple(v[e] for e in range(v.shape[0]))
+        return v
+
+    return jax.tree_util.tree_map_with_path(unstack, params)
 
 
 def routing_stats(probs_TxE, experts_TxK, valid_T=None) -> dict[str, jax.Array]:

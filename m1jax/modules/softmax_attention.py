@@ -14,6 +14,7 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.modules.rope import apply_rope
+from m1jax.modules.unfused import linear
 from m1jax.weights import DTYPE, param
 
 NEG = jnp.finfo(jnp.float32).min
@@ -128,9 +129,9 @@ class SoftmaxAttention(nnx.Module):
         dt = DTYPE[self.config.dtype]
         x_BxLxD = x_BxLxD.astype(dt)
         l = x_BxLxD.shape[1]
-        q = apply_rope(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
-        k = apply_rope(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
-        v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v_proj[...].astype(dt))
+        q = apply_rope(linear(x_BxLxD, self.q_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
+        k = apply_rope(linear(x_BxLxD, self.k_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
+        v = linear(x_BxLxD, self.v_proj[...].astype(dt))
         if kv_cache is None:
             out = attend(q, k, v, q_slot_L=jnp.arange(l), kv_valid_BxS=valid_BxL, causal_prefix=True)
             new_cache = None
@@ -141,5 +142,5 @@ class SoftmaxAttention(nnx.Module):
             out = attend(q, k_cache, v_cache, q_slot_L=cache_start + jnp.arange(l), kv_valid_BxS=cache_valid_BxS,
                          num_slots=cache_start + l)
             new_cache = (k_cache, v_cache)
-        y = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dt))
+        y = linear(out, self.o_proj[...].astype(dt), contract=2)
         return y, new_cache
