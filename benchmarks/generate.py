@@ -25,6 +25,8 @@ from m1jax.generation import Engine  # noqa: E402
 from m1jax.model import MiniMaxM1  # noqa: E402
 from m1jax.sampling import SamplingParams  # noqa: E402
 
+REPEATS = 3
+
 
 def step_bytes(c: ModelConfig, batch: int, context: int) -> int:
     """Bytes one decode step must read: active weights (experts hit by `batch` tokens, expected), the LM head,
@@ -51,20 +53,30 @@ def bench_vs_transformers(c, model, batch, new, bw, rows):
     state = engine.prefill(prompt.tolist(), reserve=new)
     engine.decode(state, sp)  # compile for this cache size (the state is not consumed)
     jax.block_until_ready(state.next_logits_BxV)
-    t0 = time.perf_counter()
-    results, _ = engine.decode(state, sp)
-    t_jax = (time.perf_counter() - t0) / new
+
+    def jax_step():
+        t0 = time.perf_counter()
+        engine.decode(state, sp)
+        return (time.perf_counter() - t0) / new
 
     hf = transformers_model(c)
     x = torch.tensor(prompt)
+
+    def hf_step():
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            hf.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
+            t_prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hf.generate(x, max_new_tokens=new + 1, do_sample=False, pad_token_id=0, eos_token_id=None)
+            return (time.perf_counter() - t0 - t_prefill) / new
+
     with torch.no_grad():
         hf.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
-        t0 = time.perf_counter()
-        hf.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
-        t_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hf.generate(x, max_new_tokens=new + 1, do_sample=False, pad_token_id=0, eos_token_id=None)
-        t_hf = (time.perf_counter() - t0 - t_prefill) / new
+    # interleaved repeats, so that both see the same machine load; medians
+    pairs = [(jax_step(), hf_step()) for _ in range(REPEATS)]
+    t_jax = float(np.median([p[0] for p in pairs]))
+    t_hf = float(np.median([p[1] for p in pairs]))
     floor = step_bytes(c, batch, 32 + new) / bw
     for name, t in (("m1jax engine", t_jax), ("transformers generate", t_hf)):
         rows.append([name, batch, f"{1e3 * t:.1f}", f"{batch / t:.1f}", f"{t_hf / t:.2f}x", f"{1e3 * floor:.1f}",
@@ -78,9 +90,12 @@ def bench_context(c, model, contexts, rows):
         prompt = np.random.default_rng(1).integers(0, c.vocab_size, (1, n)).tolist()
         state = engine.prefill(prompt, reserve=32)
         engine.decode(state, sp)  # compile for this cache size
-        t0 = time.perf_counter()
-        engine.decode(state, sp)
-        rows.append([n, f"{1e3 * (time.perf_counter() - t0) / 16:.2f}"])
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            engine.decode(state, sp)
+            times.append((time.perf_counter() - t0) / 16)
+        rows.append([n, f"{1e3 * float(np.median(times)):.2f}"])
         print(f"  context {n}: done", flush=True)
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.sampling import SamplingParams, filter_logits, first_argmax, sample_tokens, step_keys
+from m1jax.sampling import SamplingParams, filter_logits, sample_tokens, step_keys
 
 LOGITS = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.25, 0.2]]))  # probabilities 0.05 .4 .1 .25 .2
 
@@ -107,9 +107,3 @@ def test_bad_sampling_values_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
 
-
-def test_first_argmax_is_argmax_with_ties_to_the_first():
-    z = jnp.array([[0.0, 3.0, 1.0, 3.0], [-jnp.inf, -1.0, -1.0, -5.0], [2.0, 2.0, 2.0, 2.0]])
-    np.testing.assert_array_equal(first_argmax(z), [1, 1, 0])
-    r = jax.random.normal(jax.random.PRNGKey(0), (5, 1000))
-    np.testing.assert_array_equal(first_argmax(r), jnp.argmax(r, axis=-1))

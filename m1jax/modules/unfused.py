@@ -4,8 +4,8 @@ XLA:CPU fuses elementwise producers/consumers (casts, silu, sigmoid, the decode 
 then emits the fusion as a generic loop instead of calling its GEMM/GEMV library, which for the small-M products
 of decoding reads the weights at a fraction of the memory bandwidth (bench-small, batch-1 decode step:
 LM head 8.9 → 4.2 ms, MoE gather 8 layers −2.4 ms). An optimization barrier around the dot's operands and result
-stops that fusion. A single-row product x·W is also run by one thread at ≈ 11 GB/s on the 2-core VM; split
-along the contraction into a batch of two half-products it runs at ≈ 18 GB/s (48 chained 512×1024 GEMVs,
+stops that fusion. XLA:CPU also runs a single-row product x·W on one thread; split along the contraction into a
+batch of two half-products it runs faster on the 2-core VM (bench-small batch-1 engine step 15.8 → 12.3 ms,
 `benchmarks/RESULTS.md`). On GPU/TPU none of this applies: the barrier is the identity and `linear` one dot.
 """
 
