@@ -30,7 +30,7 @@ from jax.experimental import io_callback
 
 from m1jax.cache import Cache, init_cache
 from m1jax.config import ModelConfig
-from m1jax.modules.moe import choose_impl, unstack_experts
+from m1jax.modules.moe import choose_impl, expert_weight_bytes, unstack_experts
 from m1jax.sampling import SamplingParams, sample_tokens, step_keys
 
 FINISH_REASONS = ("running", "stop", "length", "repetition", "stop_string")
@@ -157,6 +157,18 @@ def _decode_loop(graphdef, use_hook: bool, params, state: EngineState, sp: dict,
     return (toks, lps, slps, n_gen, reason), EngineState(cache=cache, positions_B=pos, next_logits_BxV=logits)
 
 
+def available_memory_bytes() -> int:
+    """Physical memory the OS reports available now (`MemAvailable`; free pages where /proc is absent)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 # ----------------------------------------------------------------------------------------------- engine
 class Engine:
     """Batched generation for one model. Compiled functions are shared by every engine of the same model
@@ -243,14 +255,18 @@ class Engine:
 
     # ------------------------------------------------------------------- decode
     def _decode_params(self, batch: int):
-        """The parameters the decode loop reads: on CPU, when `batch`·k ≤ E makes the MoE branch per expert
-        (`experts_switch`), a per-expert copy of the expert weights made once per engine (`unstack_experts`:
-        no slice copies per step, at the price of the expert weights' memory once more)."""
+        """The parameters the decode loop reads: on CPU, when `batch`·k assignments make the MoE branch per
+        expert (`experts_switch`, see `choose_impl`), a per-expert copy of the expert weights made once per
+        engine (`unstack_experts`: no slice copies per step, at the price of the expert weights' memory once
+        more) — unless that copy would take more than a quarter of the memory available now."""
         c = self.config
         if (not self.unstack_experts or jax.default_backend() != "cpu"
                 or choose_impl(c.moe_impl, batch * c.num_experts_per_tok, c.num_local_experts) != "switch"):
             return self.params
         if self._unstacked is None:
+            if expert_weight_bytes(self.params) > available_memory_bytes() / 4:
+                self.unstack_experts = False
+                return self.params
             self._unstacked = unstack_experts(self.params)
         return self._unstacked
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_oracle import make_hf_model, save_original_layout
 
 from m1jax.config import ModelConfig
@@ -114,6 +115,20 @@ def test_batch1_decode_on_unstacked_experts_equals_stacked_and_full_forward(tiny
     logp = np.asarray(jax.nn.log_softmax(full_logits([prompts[1] + r.tokens])[0], -1))
     n = len(prompts[1])
     np.testing.assert_allclose(r.logprobs, logp[np.arange(n - 1, n + len(r.tokens) - 1), r.tokens], atol=1e-4)
+
+
+def test_expert_copy_is_skipped_when_memory_is_short(tiny, prompts, monkeypatch):
+    import m1jax.generation as generation
+    from m1jax.modules.moe import expert_weight_bytes
+
+    c = tiny.config
+    per_layer = 3 * c.num_local_experts * c.hidden_size * c.intermediate_size * 4
+    assert expert_weight_bytes(nnx.split(tiny)[1]) == c.num_hidden_layers * per_layer
+    monkeypatch.setattr(generation, "available_memory_bytes", lambda: 1000)
+    eng = Engine(tiny, prefill_chunk=8)
+    r = eng.generate([prompts[1]], GREEDY)[0]
+    assert eng._unstacked is None and not eng.unstack_experts
+    assert r.tokens == Engine(tiny, prefill_chunk=8, unstack_experts=False).generate([prompts[1]], GREEDY)[0].tokens
 
 
 def test_engine_logprobs_equal_full_forward_of_each_sequence(tiny, prompts, full_logits):

@@ -84,8 +84,10 @@ def test_unstacked_model_parameters_give_the_same_forward(tokens):
 
 
 def test_auto_picks_switch_for_decode_on_cpu_only_when_small():
-    assert moe.choose_impl("auto", 2, 8) == ("switch" if jax.default_backend() == "cpu" else "gather")
-    assert moe.choose_impl("auto", 16, 8) == ("tiled" if jax.default_backend() == "cpu" else "ragged")
+    cpu = jax.default_backend() == "cpu"
+    assert moe.choose_impl("auto", 2, 8) == ("switch" if cpu else "gather")
+    assert moe.choose_impl("auto", 16, 8) == ("switch" if cpu else "ragged")
+    assert moe.choose_impl("auto", 17, 8) == ("tiled" if cpu else "ragged")
     assert moe.choose_impl("dense", 2, 8) == "dense"
 
 
