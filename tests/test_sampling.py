@@ -106,4 +106,3 @@ def test_greedy_rows_and_same_seed_same_tokens():
 def test_bad_sampling_values_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
-

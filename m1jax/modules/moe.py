@@ -6,7 +6,7 @@
 
 Expert computation (all exact and dropless; `moe_impl` picks one, "auto" by backend and size):
 * "dense"  — every expert on every token, combined by the routing weights (the reference);
-* "gather" — each (token, choice) pair multiplies its expert's gathered weights (tiny token counts: decode);
+* "gather" — each (token, choice) pair multiplies its expert's gathered weights (tiny token counts on GPU/TPU);
 * "switch" — each (token, choice) pair branches (`lax.switch`) on its expert id into that expert's SwiGLU
              (tiny token counts on CPU); with `unstack_experts` the weights are read where they lie, never
              copied;
@@ -26,6 +26,7 @@ from m1jax.modules.unfused import dot_boundary, linear
 from m1jax.weights import DTYPE, param
 
 TILE_ROWS = 128
+EXPERT_WEIGHTS = ("w1", "w3", "w2")  # in the argument order of the expert implementations
 
 
 def route(x_TxD: jax.Array, gate_DxE: jax.Array, k: int):
@@ -67,10 +68,9 @@ def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     """Per (token, choice): y_tk = FFN_{e_tk}(x_t) by `lax.switch(e_tk, [FFN_0, …, FFN_{E−1}])`.
 
     The weights are stacked arrays `[E, …]` or tuples of E arrays (`unstack_experts`); branch e reads W[e].
-    Gathering W[e_tk] writes a transposed copy of every chosen expert before the products (≈ 3× the weight
-    traffic of a decode step); a branch reads its expert's weights in place, and its gate/up products are
-    independent, so XLA:CPU runs them concurrently. Tokens are a loop (`lax.map`), so the program holds k
-    switches whatever T is.
+    On CPU, gathering W[e_tk] writes a transposed copy of every chosen expert before the products; a branch
+    reads a tuple element in place (a slice of a stacked array is still copied). Tokens are a loop
+    (`lax.map`), so the program holds k switches whatever T is.
     """
     k = experts_TxK.shape[1]
 
@@ -192,13 +192,10 @@ class MoE(nnx.Module):
         x_TxD = x_BxLxD.reshape(b * l, d).astype(dt)
         probs_TxE, weights_TxK, experts_TxK = route(x_TxD, self.gate[...], c.num_experts_per_tok)
         name = choose_impl(impl or c.moe_impl, experts_TxK.size, c.num_local_experts)
-        ws = [_compute_weight(w.get_value(), dt, keep_tuple=name == "switch") for w in (self.w1, self.w3, self.w2)]
+        ws = [_compute_weight(getattr(self, w).get_value(), dt, keep_tuple=name == "switch") for w in EXPERT_WEIGHTS]
         y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK)
         stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
         return y_TxD.astype(dt).reshape(b, l, d), stats
-
-
-EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
 def unstack_experts(params: nnx.State) -> nnx.State:
@@ -208,7 +205,6 @@ def unstack_experts(params: nnx.State) -> nnx.State:
     then writes and re-reads each chosen expert, ≈ 0.15 ms per 2 MB matrix here), but reads a tuple element
     where it lies. The tuple is a second copy of the expert weights in memory.
     """
-
     return jax.tree_util.tree_map_with_path(
         lambda path, v: tuple(v[e] for e in range(v.shape[0])) if _is_expert_weight(path) else v, params)
 
