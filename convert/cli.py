@@ -6,20 +6,6 @@ import argparse
 import os
 
 
-def _user_errors(fn):
-    """Run a handler, turning conversion errors into `m1jax.cli.UserError` (one message, exit code 2)."""
-    def run(args) -> int:
-        from convert.errors import USER_ERRORS
-        from m1jax.cli import UserError
-
-        try:
-            return fn(args)
-        except USER_ERRORS as e:
-            raise UserError(str(e)) from None
-    return run
-
-
-@_user_errors
 def cmd_convert(args) -> int:
     """HF checkpoint directory → m1jax checkpoint (orbax parameters + config + tokenizer files)."""
     from convert.hf_to_m1jax import BLOCK_BYTES, convert_checkpoint
@@ -31,7 +17,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-@_user_errors
 def cmd_export(args) -> int:
     """m1jax checkpoint → HF safetensors in the original MiniMax-M1 layout."""
     from convert.m1jax_to_hf import export_checkpoint
@@ -53,7 +38,8 @@ def add_subcommands(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="HF checkpoint directory (config.json + safetensors)")
     p.add_argument("dst", help="output directory (absent, empty, or an interrupted conversion to resume)")
-    p.add_argument("--dtype", default="bfloat16", help="storage dtype of the weights (router gates stay float32)")
+    p.add_argument("--dtype", default=None, help="cast the weights to this storage dtype (default: keep each "
+                   "tensor's stored dtype, a lossless conversion; router gates stay float32)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="parallel reader/writer threads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -68,7 +54,8 @@ def add_subcommands(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="m1jax checkpoint directory written by `m1jax convert`")
     p.add_argument("dst", help="output directory (absent or empty)")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of the weights (router gates stay float32)")
+    p.add_argument("--dtype", default=None, help="cast the weights to this dtype (default: keep each parameter's "
+                   "dtype; router gates stay float32)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_export)

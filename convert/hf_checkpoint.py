@@ -21,6 +21,8 @@ from m1jax.config import ModelConfig
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+# safetensors dtype → the m1jax dtype that holds it without loss (m1jax computes in at most float32)
+SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
 MAX_LISTED = 50  # problems listed in one error message (the count is always complete)
 # Files of an HF model directory that travel with the weights through convert and export.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -136,7 +138,7 @@ class HFCheckpoint:
             info = self.info(name)
             totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
         top = max(totals, key=totals.get) if totals else "F32"
-        return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(top, "float32")
+        return SAFETENSORS_DTYPE_NAMES[top]
 
 
 def tokenizer_files(directory: str | os.PathLike) -> list[Path]:

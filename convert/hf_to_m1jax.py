@@ -30,7 +30,7 @@ from numpy.lib.array_utils import byte_bounds
 
 from convert.array_copy import contiguous_copy
 from convert.errors import ConvertError
-from convert.hf_checkpoint import HFCheckpoint, copy_tokenizer_files
+from convert.hf_checkpoint import SAFETENSORS_DTYPE_NAMES, HFCheckpoint, copy_tokenizer_files
 from convert.hf_layout import ParamSpec
 from convert.journal import Journal, describe_differences
 from convert.m1jax_checkpoint import (
@@ -56,11 +56,23 @@ NUMPY_DTYPES = {"bfloat16": DTYPES["BF16"], "float32": DTYPES["F32"], "float16":
 KILL_ENV = "M1JAX_CONVERT_KILL_AFTER"
 
 
-def canonical_dtype(name: str) -> str:
+def canonical_dtype(name) -> str:
+    """"bfloat16" | "float32" | "float16" from a name or alias ("bf16", "fp32", ...) or a numpy/JAX dtype."""
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            pass
     try:
         return DTYPE_ALIASES[str(name).lower()]
     except KeyError:
         raise ConvertError(f"unsupported dtype {name!r}; use one of bfloat16, float32, float16") from None
+
+
+def stored_dtype(ckpt: HFCheckpoint, spec: ParamSpec) -> str:
+    """The dtype that holds the parameter's source tensors without loss (float64 sources: float32)."""
+    names = {SAFETENSORS_DTYPE_NAMES[ckpt.info(n).dtype] for n in spec.sources}
+    return names.pop() if len(names) == 1 else "float32"
 
 
 @dataclass(frozen=True)
@@ -92,14 +104,16 @@ def _block_axis(view) -> int:
     return max(movable, key=lambda i: abs(view.strides[i])) if movable else 0
 
 
-def plan(ckpt: HFCheckpoint, specs: list[ParamSpec], dtype: str, block_bytes: int
+def plan(ckpt: HFCheckpoint, specs: list[ParamSpec], dtype: str | None, block_bytes: int
          ) -> tuple[dict[str, ArrayPlan], list[Block]]:
-    """Output arrays (shape, dtype, chunks) and the blocks that fill them, in source-file order."""
+    """Output arrays (shape, dtype, chunks) and the blocks that fill them, in source-file order.
+
+    Router gates are fp32; other parameters `dtype`, or (None) the dtype their source tensors are stored in."""
     arrays: dict[str, ArrayPlan] = {}
     blocks: list[Block] = []
     for i, spec in enumerate(specs):
         key = array_key(spec.path)
-        out_dtype = NUMPY_DTYPES["float32" if spec.fp32 else dtype]
+        out_dtype = NUMPY_DTYPES["float32" if spec.fp32 else dtype or stored_dtype(ckpt, spec)]
         shape = spec.shape
         if spec.stacked:
             axis = 0
@@ -172,24 +186,25 @@ def source_check(src: Path, dst: Path) -> None:
         raise ConvertError(f"{src} is an m1jax checkpoint, not an HF checkpoint (use `m1jax export` to go back)")
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                        workers: int = 2, block_bytes: int = BLOCK_BYTES, progress: bool = True,
                        stream=None) -> Path:
     """Convert the HF checkpoint `src` (either layout) into the m1jax checkpoint `dst`; return `dst`.
 
     Validates everything first (raising `CheckpointError` listing every bad tensor and file) and writes
     nothing until then. `dst` must be absent, empty, an interrupted conversion of the same source with the same
-    arguments (resumed), or a finished one of them (left as is). Router gates are stored fp32, the rest `dtype`.
+    arguments (resumed), or a finished one of them (left as is). Router gates are stored fp32, the rest `dtype`
+    (None: each tensor in the dtype it is stored in, so the conversion is lossless).
     """
     src, dst = Path(src), Path(dst)
     stream = sys.stderr if stream is None else stream
-    dtype = canonical_dtype(dtype)
+    dtype = None if dtype is None else canonical_dtype(dtype)
     if workers < 1:
         raise ConvertError(f"--workers must be at least 1, got {workers}")
     source_check(src, dst)
     ckpt = HFCheckpoint(src)
     specs = ckpt.validate()
-    arguments = {"dtype": dtype, "block_bytes": int(block_bytes), "layout": ckpt.layout, "format": FORMAT,
+    arguments = {"dtype": dtype or "stored", "block_bytes": int(block_bytes), "layout": ckpt.layout, "format": FORMAT,
                  "format_version": FORMAT_VERSION}
     source = ckpt.fingerprint()
     state = directory_state(dst)
@@ -227,7 +242,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
         os.replace(dst / ".config.json.tmp", dst / "config.json")
         tokenizer = copy_tokenizer_files(src, dst)
         write_json_atomic(dst / MARKER, {
-            "format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype, "params_dir": PARAMS,
+            "format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype or ckpt.main_dtype(), "params_dir": PARAMS,
             "arguments": arguments, "source": source, "tokenizer_files": tokenizer,
             "total_bytes": total,
             "parameters": {k: {"shape": list(a.shape), "dtype": DTYPE_NAMES[a.dtype]} for k, a in arrays.items()},

@@ -54,6 +54,7 @@ class _JaxArrayView:
 
     def __init__(self, array):
         self.array = array
+        self.dtype = array.dtype
 
     def __getitem__(self, index) -> np.ndarray:
         return np.asarray(self.array[index])
@@ -79,16 +80,19 @@ def _check_destination(dst: Path) -> None:
 
 
 def export_weights(config: ModelConfig, view_of: Callable[[ParamSpec], object], dst: str | os.PathLike, *,
-                   dtype: str = "bfloat16", shard_size: int | str = DEFAULT_SHARD_SIZE,
+                   dtype: str | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
                    tokenizer_dir: str | os.PathLike | None = None, progress: bool = True, stream=None) -> Path:
-    """Write the HF checkpoint of the parameters `view_of(spec)` (numpy-indexable, JAX layout) to `dst`."""
+    """Write the HF checkpoint of the parameters `view_of(spec)` (numpy-indexable, JAX layout) to `dst`.
+
+    Router gates are written fp32, the rest `dtype` (None: each parameter's own dtype, a lossless export)."""
     dst = Path(dst)
-    dtype = canonical_dtype(dtype)
+    dtype = None if dtype is None else canonical_dtype(dtype)
     shard_size = parse_size(shard_size)
     _check_destination(dst)
     specs = param_specs(config, ORIGINAL)
     views = {spec.path: view_of(spec) for spec in specs}  # fails early on a missing parameter
-    entries = [(name, NUMPY_DTYPES["float32" if spec.fp32 else dtype], shape)
+    entries = [(name, NUMPY_DTYPES["float32" if spec.fp32 else dtype or canonical_dtype(views[spec.path].dtype)],
+                shape)
                for spec in specs for name, shape in zip(spec.sources, spec.source_shapes, strict=True)]
     shards = plan_shards(entries, shard_size)
     n = len(shards)
@@ -124,7 +128,7 @@ def export_weights(config: ModelConfig, view_of: Callable[[ParamSpec], object], 
     return dst
 
 
-def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                       shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True, stream=None) -> Path:
     """Export the converted m1jax checkpoint `src` (refused if incomplete) as an HF checkpoint in `dst`."""
     ckpt = M1jaxCheckpoint(src)
@@ -133,7 +137,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: 
                           tokenizer_dir=ckpt.path, progress=progress, stream=stream)
 
 
-def export_model(model, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
+def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,
                  shard_size: int | str = DEFAULT_SHARD_SIZE, tokenizer_dir: str | os.PathLike | None = None,
                  progress: bool = False, stream=None) -> Path:
     """Export an in-memory `MiniMaxM1` (sharded or not) as an HF checkpoint in `out_dir`.

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from m1jax.config import LIGHTNING, ModelConfig
+from m1jax.config import LIGHTNING, ModelConfig, dtype_name
 from m1jax.weights import DTYPE
 
 
@@ -34,7 +34,7 @@ class Cache:
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
     """An empty cache for `batch_size` sequences of up to `max_len` tokens (K/V in the compute dtype)."""
-    dt = DTYPE[dtype or config.dtype]
+    dt = DTYPE[dtype_name(dtype or config.dtype)]
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     layers = []
     for kind in config.layer_types:
@@ -48,7 +48,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
 
 def cache_memory(config: ModelConfig, dtype=None) -> dict[str, int]:
     """Bytes the cache needs: `per_token` (softmax K/V, every sequence) and `per_sequence` (lightning states)."""
-    itemsize = jnp.dtype(DTYPE[dtype or config.dtype]).itemsize
+    itemsize = jnp.dtype(DTYPE[dtype_name(dtype or config.dtype)]).itemsize
     kv_bytes = 2 * config.num_key_value_heads * config.head_dim * itemsize * len(config.softmax_layers)
     state_bytes = config.num_attention_heads * config.head_dim ** 2 * 4 * len(config.lightning_layers)
     return {"per_token": kv_bytes, "per_sequence": state_bytes}

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+from m1jax.errors import UserError, user_errors
 
 
 def cmd_demo(args) -> int:
@@ -61,7 +59,7 @@ def cmd_generate(args) -> int:
     import json
 
     from m1jax.chat import parse_output
-    from m1jax.generation import Engine, GenerationError
+    from m1jax.generation import Engine
     from m1jax.sampling import SamplingParams
 
     model, tokenizer = _load_model_and_tokenizer(args)
@@ -97,10 +95,7 @@ def cmd_generate(args) -> int:
             sys.stdout.write(stream.push(int(tokens[0])))
             sys.stdout.flush()
 
-    try:
-        [result] = engine.generate([ids], sampling, callback=on_step if args.stream else None)
-    except GenerationError as e:
-        raise UserError(str(e)) from None
+    [result] = engine.generate([ids], sampling, callback=on_step if args.stream else None)
     if args.stream:
         sys.stdout.write(stream.flush() + "\n")
     else:
@@ -155,11 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from m1jax.config import ConfigError
-
     try:
         return args.func(args)
-    except (UserError, ConfigError, FileNotFoundError) as e:
+    except user_errors() as e:
         print(f"m1jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,22 @@ class ConfigError(ValueError):
     """A config field is missing, malformed or unsupported; the message names the field and why."""
 
 
+def dtype_name(dtype: Any, field: str = "dtype") -> str:
+    """The name of a floating dtype given as a string ("bfloat16"), a JAX/NumPy scalar type (`jnp.bfloat16`,
+    `np.float32`) or a `np.dtype`; `ConfigError` naming `field` if it is none of `DTYPES`."""
+    name = dtype
+    if not isinstance(dtype, str):
+        try:
+            import numpy as np
+
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+    if name not in DTYPES:
+        raise ConfigError(f"config field '{field}': must be one of {DTYPES} (a string, jnp/np dtype), got {dtype!r}")
+    return name
+
+
 # (field, remote-code key, transformers key) for the DeepNorm residual factors.
 _RESIDUAL_KEYS = (
     ("full_attn_alpha", "layernorm_full_attention_alpha", "full_attn_alpha_factor"),
@@ -106,6 +122,8 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name), name))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
@@ -175,8 +193,6 @@ class ModelConfig:
              f"{self.hidden_act!r}")
         need(self.shared_intermediate_size == 0, "shared_intermediate_size",
              "shared experts are not implemented (every published MiniMax-M1/Text-01 config has 0)")
-        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         need(self.lightning_impl in LIGHTNING_IMPLS, "lightning_impl",
              f"must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")

@@ -12,7 +12,7 @@ BOS, EOS, UNK, BOD = "<beginning_of_sentence>", "<end_of_sentence>", "<end_of_do
 MINIMAX_SPECIAL_TOKENS = (BOS, EOS, UNK, BOD)
 
 # M1's prompt format (spec §8) written compactly: renders the same text as the real template in
-# ../shared/fixtures/minimax-m1/tokenizer_config.json (tests/test_chat.py checks this).
+# tests/fixtures/minimax-m1/tokenizer_config.json (tests/test_chat.py checks this).
 M1_FORMAT_TEMPLATE = (
     "{{- '<begin_of_document>' -}}\n"
     "{%- set ns = namespace(system='') -%}\n"

@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices for mesh tests (must happen before jax is imported), shared fixtures."""
+"""Test setup: 8 fake CPU devices for mesh tests (must happen before jax is imported), real MiniMax fixtures."""
 
 import os
 import pathlib
@@ -15,13 +15,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir():
-    """`../shared/fixtures` (real MiniMax artifacts); tests that need it skip when it is absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"real MiniMax fixtures not found at {FIXTURES}")
+    """`tests/fixtures`: real MiniMax artifacts (small public files; provenance in its README)."""
     return FIXTURES

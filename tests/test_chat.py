@@ -106,7 +106,7 @@ def test_spec_conversation_renders_the_documented_text(m1_template):
 
 
 def test_compact_fixture_template_renders_the_documented_text():
-    """Runs without ../shared/fixtures: the test tokenizer's template gives the spec §8 text too."""
+    """Without the real template: the test tokenizer's template gives the spec §8 text too."""
     assert apply_chat_template(SPEC_MESSAGES, chat_template=M1_FORMAT_TEMPLATE, tools=[WEATHER_TOOL]) == SPEC_EXPECTED
 
 

@@ -100,3 +100,17 @@ def test_missing_fields_and_bad_files(tmp_path):
         ModelConfig.from_preset("nope")
     with pytest.raises(ConfigError, match="lightning_impl"):
         ModelConfig.from_preset("tiny", lightning_impl="cuda")
+
+
+@pytest.mark.parametrize("given", ["bfloat16", "jnp", "np", "np.dtype"])
+def test_dtypes_are_accepted_as_jax_numpy_or_strings(given):
+    import jax.numpy as jnp
+    import numpy as np
+
+    value = {"bfloat16": "bfloat16", "jnp": jnp.bfloat16, "np": jnp.dtype("bfloat16").type,
+             "np.dtype": np.dtype(jnp.bfloat16)}[given]
+    config = ModelConfig.from_preset("tiny").replace(dtype=value, param_dtype=np.float32)
+    assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
+    assert hash(config) == hash(ModelConfig.from_preset("tiny").replace(dtype="bfloat16"))
+    with pytest.raises(ConfigError, match="config field 'param_dtype'.*got <class 'numpy.int32'>"):
+        config.replace(param_dtype=np.int32)

@@ -152,7 +152,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(m1_hf, m1_converted, 
 
     # resuming with other arguments or a changed source is refused, naming the difference
     other = _convert_cli(m1_hf, dst, "--dtype", "float32")
-    assert other.returncode == 2 and "argument dtype: 'bfloat16' before, 'float32' now" in other.stderr
+    assert other.returncode == 2 and "argument dtype: 'stored' before, 'float32' now" in other.stderr
     assert "Traceback" not in other.stderr
 
     resumed = _convert_cli(m1_hf, dst)
@@ -208,7 +208,7 @@ def test_transformers_layout_converts(tmp_path):
 
     config = _hf_tiny()
     src = save_transformers_layout(make_hf_model(config), config, tmp_path / "hf", shards=3)
-    dst = convert_checkpoint(src, tmp_path / "m1jax", dtype="float32", progress=False)
+    dst = convert_checkpoint(src, tmp_path / "m1jax", progress=False)  # fp32 tensors stay fp32 by default
     direct, converted = flat_params(from_pretrained(src, dtype="float32")), flat_params(from_pretrained(dst))
     for path in direct:
         assert_same_bits(converted[path], direct[path], path)
@@ -222,8 +222,9 @@ def test_export_loads_in_transformers(tmp_path):
     config = _hf_tiny()
     hf = make_hf_model(config, rc_slopes=False)
     src = save_original_layout(hf, config, tmp_path / "hf", shards=1, spelling="transformers")  # no index
-    dst = convert_checkpoint(src, tmp_path / "m1jax", dtype="float32", progress=False)
-    out = export_checkpoint(dst, tmp_path / "out", dtype="float32", shard_size="20KB", progress=False)
+    dst = convert_checkpoint(src, tmp_path / "m1jax", progress=False)  # lossless by default: fp32 stays fp32
+    assert json.loads((dst / MARKER).read_text())["dtype"] == "float32"
+    out = export_checkpoint(dst, tmp_path / "out", shard_size="20KB", progress=False)
     assert_same_hf(src, out)
     tokens = torch.tensor(np.random.default_rng(0).integers(0, config.vocab_size, (2, 11)))
     loaded = MiniMaxForCausalLM.from_pretrained(out).eval()
@@ -232,7 +233,7 @@ def test_export_loads_in_transformers(tmp_path):
 
     # the in-memory path writes the same files
     model = from_pretrained(dst)
-    again = export_model(model, tmp_path / "again", dtype="float32", shard_size="20KB", tokenizer_dir=dst)
+    again = export_model(model, tmp_path / "again", shard_size="20KB", tokenizer_dir=dst)
     assert_same_hf(out, again)
     assert read_index(again) == read_index(out)
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -43,7 +44,8 @@ def test_zero_based_shards_and_ignored_buffers(tmp_path, config):
     tensors = random_tensors(config)
     tensors["model.layers.0.self_attn.slope_rate"] = np.zeros((6, 1, 1), np.float32)  # transformers buffer
     path = write_checkpoint(tmp_path / "ckpt", config, tensors, shards=5)
-    model = from_pretrained(path, dtype="float32")
+    model = from_pretrained(path, dtype=jnp.float32)  # JAX dtypes are taken as well as strings
+    assert model.config.dtype == "float32"
     np.testing.assert_array_equal(np.asarray(model.layers[2].block_sparse_moe.w2[...][1]),
                                   tensors["model.layers.2.block_sparse_moe.experts.1.w2.weight"].T)
     np.testing.assert_array_equal(np.asarray(model.lm_head[...]), tensors["lm_head.weight"].T)

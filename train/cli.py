@@ -8,9 +8,7 @@ import sys
 
 def cmd_train(args) -> int:
     """Load and validate the run config, build the trainer, train (resuming from its checkpoints)."""
-    from m1jax.cli import UserError
-    from train.data_sources import DataError
-    from train.run_config import RunConfigError, load_run_config
+    from train.run_config import load_run_config
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -19,15 +17,12 @@ def cmd_train(args) -> int:
         overrides.append(f"steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    try:
-        cfg = load_run_config(args.config, args.algorithm, overrides)
-        if args.algorithm == "cispo":
-            from train.cispo_trainer import CISPOTrainer as Trainer
-        else:
-            from train.sft_trainer import SFTTrainer as Trainer
-        trainer = Trainer(cfg)
-    except (RunConfigError, DataError) as e:
-        raise UserError(str(e)) from None
+    cfg = load_run_config(args.config, args.algorithm, overrides)
+    if args.algorithm == "cispo":
+        from train.cispo_trainer import CISPOTrainer as Trainer
+    else:
+        from train.sft_trainer import SFTTrainer as Trainer
+    trainer = Trainer(cfg)
     if args.validate_only:
         print(f"{args.config}: valid {args.algorithm} run config", file=sys.stderr)
         return 0
