@@ -46,7 +46,7 @@ from convert.m1jax_checkpoint import (
     directory_state,
 )
 from convert.orbax_store import OrbaxArrayStore, array_key, fsync_dir, write_json_atomic
-from convert.progress import Progress, human_bytes
+from convert.progress import human_bytes, progress_bar
 from convert.safetensors_io import DTYPE_NAMES, DTYPES
 
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -233,10 +233,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
         if progress and done_blocks:
             stream.write(f"convert: resuming {dst}: {done_blocks}/{len(blocks)} blocks "
                          f"({human_bytes(finished)}) already converted\n")
-        bar = Progress("convert", total, finished, items=len(blocks), items_done=done_blocks, stream=stream,
-                       enabled=progress)
-        _write_blocks(ckpt, specs, arrays, blocks, journal, store, bar, workers, block_bytes)
-        bar.finish()
+        with progress_bar("convert", total, finished, stream=stream, enabled=progress) as bar:
+            _write_blocks(ckpt, specs, arrays, blocks, journal, store, bar, workers, block_bytes)
         store.finalize({k: (a.shape, a.dtype, a.chunks) for k, a in arrays.items()})
         shutil.copyfile(src / "config.json", dst / ".config.json.tmp")
         os.replace(dst / ".config.json.tmp", dst / "config.json")
@@ -282,7 +280,7 @@ def _write_blocks(ckpt, specs, arrays, blocks, journal, store, bar, workers, bat
             commits[0] += 1
             if kill_after and commits[0] >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        bar.advance(sum(b.nbytes for b in batch), len(batch))
+            bar.update(sum(b.nbytes for b in batch))
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m1jax-convert") as pool:
         pending = set()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from convert.hf_checkpoint import INDEX, copy_tokenizer_files
 from convert.hf_layout import ORIGINAL, ParamSpec, param_specs
 from convert.hf_to_m1jax import NUMPY_DTYPES, canonical_dtype
 from convert.m1jax_checkpoint import M1jaxCheckpoint
-from convert.progress import Progress
+from convert.progress import progress_bar
 from convert.safetensors_io import SafetensorsWriter
 from m1jax.config import ModelConfig
 
@@ -100,7 +99,7 @@ def export_weights(config: ModelConfig, view_of: Callable[[ParamSpec], object], 
     shard_of = {entries[i][0]: files[s] for s, idx in enumerate(shards) for i in idx}
     total = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, dt, shape in entries)
     dst.mkdir(parents=True, exist_ok=True)
-    bar = Progress("export", total, stream=sys.stderr if stream is None else stream, enabled=progress)
+    bar = progress_bar("export", total, stream=stream, enabled=progress)
 
     def tensors():
         for spec in specs:
@@ -115,9 +114,9 @@ def export_weights(config: ModelConfig, view_of: Callable[[ParamSpec], object], 
             for name, dt, shape in shard_entries:
                 got_name, array = next(stream_of_tensors)
                 writer.write(got_name, array)
-                bar.advance(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+                bar.update(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
                 del array
-    bar.finish()
+    bar.close()
     (dst / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, dst)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(m1_hf, m1_converted, 
 
     resumed = _convert_cli(m1_hf, dst)
     assert resumed.returncode == 0, resumed.stderr
-    assert "ETA" in resumed.stderr and "/s" in resumed.stderr
+    assert "convert:" in resumed.stderr and "B/s]" in resumed.stderr  # tqdm: done/total [elapsed<left, rate]
     assert not (dst / JOURNAL).exists() and (dst / MARKER).exists()
     a, b = stored_arrays(dst), stored_arrays(m1_converted)
     assert a.keys() == b.keys()
@@ -386,8 +387,8 @@ def test_cli_error_without_traceback_in_a_subprocess(small_hf, tmp_path):
 def test_progress_line_and_sizes(small_hf, tmp_path):
     stream = io.StringIO()
     convert_checkpoint(small_hf, tmp_path / "m1jax", stream=stream, block_bytes=20000)
-    line = stream.getvalue().strip().splitlines()[-1]
-    assert line.startswith("convert: 100.0%") and "/s" in line and "ETA" in line
+    line = stream.getvalue().strip().splitlines()[-1].split("\r")[-1]
+    assert line.startswith("convert: 100%") and re.search(r"\[\d\d:\d\d<00:00, .*B/s\]$", line), line
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
     assert parse_size("1.5MB") == 1_500_000
 
