@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from m1jax.config import LIGHTNING, ModelConfig, dtype_name
+from m1jax.sharding import named_sharding
 from m1jax.weights import DTYPE
 
 
@@ -32,18 +33,53 @@ class Cache:
         return self.valid_BxS.shape[1]
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
-    """An empty cache for `batch_size` sequences of up to `max_len` tokens (K/V in the compute dtype)."""
+# Logical axes of the cache arrays (see `m1jax.sharding.RULES`).
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+STATE_AXES = ("batch", "heads", "state_k", "state_v")
+VALID_AXES = ("batch", "seq")
+
+
+def _build(config: ModelConfig, batch_size: int, max_len: int, dtype, leaf) -> Cache:
+    """The cache with every array made by `leaf(shape, dtype, logical_axes)` (declared once, built many ways)."""
     dt = DTYPE[dtype_name(dtype or config.dtype)]
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     layers = []
     for kind in config.layer_types:
         if kind == LIGHTNING:
-            layers.append(jnp.zeros((batch_size, h, hd, hd), jnp.float32))
+            layers.append(leaf((batch_size, h, hd, hd), jnp.float32, STATE_AXES))
         else:
-            layers.append((jnp.zeros((batch_size, max_len, kv, hd), dt), jnp.zeros((batch_size, max_len, kv, hd), dt)))
-    return Cache(layers=tuple(layers), valid_BxS=jnp.zeros((batch_size, max_len), bool),
-                 length=jnp.zeros((), jnp.int32))
+            layers.append(tuple(leaf((batch_size, max_len, kv, hd), dt, KV_AXES) for _ in "kv"))
+    return Cache(layers=tuple(layers), valid_BxS=leaf((batch_size, max_len), jnp.bool_, VALID_AXES),
+                 length=leaf((), jnp.int32, ()))
+
+
+def abstract_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, *, mesh=None,
+                   rules=None) -> Cache:
+    """The cache as `jax.ShapeDtypeStruct`s (with their `NamedSharding` on `mesh` by the rules, if given)."""
+    def leaf(shape, dt, axes):
+        sharding = None if mesh is None else named_sharding(axes, shape, mesh, rules)
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
+    return _build(config, batch_size, max_len, dtype, leaf)
+
+
+def cache_shardings(config: ModelConfig, batch_size: int, max_len: int, mesh, rules=None) -> Cache:
+    """`NamedSharding` of every cache array on `mesh` (batch over the batch axes, heads over tensor, ...)."""
+    return jax.tree.map(lambda s: s.sharding, abstract_cache(config, batch_size, max_len, mesh=mesh, rules=rules))
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, *, mesh=None, rules=None) -> Cache:
+    """An empty cache for `batch_size` sequences of up to `max_len` tokens (K/V in the compute dtype).
+
+    With `mesh`, every array is created directly in its sharding (a jitted zeros with `out_shardings`): no
+    device ever holds more than its own shard.
+    """
+    def zeros():
+        return _build(config, batch_size, max_len, dtype, lambda shape, dt, axes: jnp.zeros(shape, dt))
+
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings=cache_shardings(config, batch_size, max_len, mesh, rules))()
 
 
 def cache_memory(config: ModelConfig, dtype=None) -> dict[str, int]:

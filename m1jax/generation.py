@@ -15,6 +15,7 @@ One engine serves every entry point (CLI, batch jobs, the CISPO trainer's rollou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,8 +29,9 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import io_callback
 
-from m1jax.cache import Cache, init_cache
+from m1jax.cache import Cache, cache_shardings, init_cache
 from m1jax.config import ModelConfig
+from m1jax.loading import param_shardings
 from m1jax.modules.moe import choose_impl, expert_weight_bytes, unstack_experts
 from m1jax.sampling import SamplingParams, sample_tokens, step_keys
 
@@ -92,11 +94,15 @@ def _fresh(new, old):
     return jax.tree.map(lambda n, o: jnp.copy(n) if n is o else n, new, old)
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC):
+def forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC):
+    """C tokens per row appended to the cache (a prefill chunk, or C = 1 in the decode loop); returns
+    (cache, logits `[B, V]` fp32 after the last position)."""
     model = nnx.merge(graphdef, params)
     out = model(tokens_BxC, positions_BxL=positions_BxC, valid_BxL=valid_BxC, cache=cache, logits="last")
     return out.cache, out.logits[:, 0]
+
+
+_forward_chunk = jax.jit(forward_chunk, static_argnums=(0,), donate_argnums=(2,))
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
@@ -137,11 +143,8 @@ def _decode_loop(graphdef, use_hook: bool, params, state: EngineState, sp: dict,
 
         def feed(args):
             cache, pos, logits = args
-            model = nnx.merge(graphdef, params)
-            out = model(tok[:, None], positions_BxL=pos[:, None], valid_BxL=active[:, None], cache=cache,
-                        logits="last")
-            new_logits = jnp.where(active[:, None], out.logits[:, 0], logits)
-            return out.cache, pos + active.astype(pos.dtype), new_logits
+            cache, new_logits = forward_chunk(graphdef, params, cache, tok[:, None], pos[:, None], active[:, None])
+            return cache, pos + active.astype(pos.dtype), jnp.where(active[:, None], new_logits, logits)
 
         finished = finished | newly
         # The token that finishes a row still enters its state (as HF does); afterwards the row is padding.
@@ -175,9 +178,15 @@ class Engine:
     structure, so creating engines is cheap."""
 
     def __init__(self, model, tokenizer=None, *, prefill_chunk: int = 4096, max_len: int | None = None,
-                 unstack_experts: bool = True):
+                 unstack_experts: bool = True, mesh=None, rules=None):
+        """`mesh` (optional): run prefill and decode under `jax.set_mesh(mesh)` with the parameters and the
+        cache laid out by the sharding rules (`rules`, default `m1jax.sharding.RULES`); parameters not yet in
+        that layout are moved once here, and the cache is created directly sharded."""
         self.config: ModelConfig = model.config
         self.graphdef, self.params = nnx.split(model)
+        self.mesh, self.rules = mesh, rules
+        if mesh is not None:
+            self.params = jax.device_put(self.params, param_shardings(self.params, mesh, rules))
         self.unstack_experts = unstack_experts
         self._unstacked = None
         self.tokenizer = tokenizer
@@ -185,6 +194,17 @@ class Engine:
             raise GenerationError(f"prefill_chunk must be ≥ 1, got {prefill_chunk}")
         self.prefill_chunk = int(prefill_chunk)
         self.max_len = int(max_len or self.config.max_position_embeddings)
+
+    def _on_mesh(self):
+        """The context every compiled call runs in: the engine's mesh, if any."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _place(self, cache: Cache) -> Cache:
+        """`cache` in its sharding on the engine's mesh (unchanged without a mesh)."""
+        if self.mesh is None:
+            return cache
+        return jax.device_put(cache, cache_shardings(self.config, cache.batch_size, cache.max_len, self.mesh,
+                                                     self.rules))
 
     # ---------------------------------------------------------------- validation
     def _check_prompts(self, prompts: Sequence[Sequence[int]], *, allow_empty: bool = False) -> list[np.ndarray]:
@@ -239,16 +259,19 @@ class Engine:
             valid[i, padded - n:] = True
             positions[i, padded - n:] = start_pos[i] + np.arange(n)
         if state is None:
-            cache = init_cache(self.config, b, _round_up(padded + reserve, CACHE_ALIGN))
+            cache = init_cache(self.config, b, _round_up(padded + reserve, CACHE_ALIGN), mesh=self.mesh,
+                               rules=self.rules)
             logits = jnp.zeros((b, self.config.vocab_size), jnp.float32)
         else:
-            cache = grow_cache(state.cache, int(state.cache.length) + padded + reserve)
+            cache = self._place(grow_cache(state.cache, int(state.cache.length) + padded + reserve))
             if not consume_state:
                 cache = _fresh(cache, state.cache)
             logits = state.next_logits_BxV
-        for s in range(0, padded, chunk):
-            cache, last = _forward_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens[:, s:s + chunk]),
-                                         jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]))
+        with self._on_mesh():
+            for s in range(0, padded, chunk):
+                cache, last = _forward_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens[:, s:s + chunk]),
+                                             jnp.asarray(positions[:, s:s + chunk]),
+                                             jnp.asarray(valid[:, s:s + chunk]))
         has_new = jnp.asarray(lens > 0)
         logits = jnp.where(has_new[:, None], last, logits)
         return EngineState(cache=cache, positions_B=jnp.asarray(start_pos + lens, jnp.int32), next_logits_BxV=logits)
@@ -288,28 +311,12 @@ class Engine:
         if room > self.max_len:
             raise GenerationError(f"prompt + max_new_tokens = {room} positions exceeds the configured maximum "
                                   f"{self.max_len}")
-        grown = state.replace(cache=grow_cache(state.cache, int(state.cache.length) + max_new))
+        grown = state.replace(cache=self._place(grow_cache(state.cache, int(state.cache.length) + max_new)))
         state = grown if consume_state else _fresh(grown, state)
         eos = tuple(self.config.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos = tuple(sorted(set(eos) | {int(self.tokenizer.eos_token_id)}))
-        stops = [p.stop_token_ids if p.stop_token_ids is not None else eos for p in params]
-        width = max([len(s) for s in stops] + [1])
-        stop_ids = np.full((b, width), -1, np.int32)
-        for i, s in enumerate(stops):
-            stop_ids[i, :len(s)] = s
-        sp = {
-            "temperature_B": jnp.asarray([p.temperature for p in params], jnp.float32),
-            "top_k_B": jnp.asarray([p.top_k for p in params], jnp.int32),
-            "top_p_B": jnp.asarray([p.top_p for p in params], jnp.float32),
-            "min_p_B": jnp.asarray([p.min_p for p in params], jnp.float32),
-            "seed_B": jnp.asarray([p.seed for p in params], jnp.uint32),
-            "max_new_B": jnp.asarray([p.max_new_tokens for p in params], jnp.int32),
-            "rep_n_B": jnp.asarray([p.repetition_stop or 0 for p in params], jnp.int32),
-            "rep_tau_B": jnp.asarray([p.repetition_threshold for p in params], jnp.float32),
-            "stop_ids_BxS": jnp.asarray(stop_ids),
-            "out_capacity": jnp.zeros((_bucket(max_new),), jnp.int8),
-        }
+        sp = sampling_arrays(params, eos)
         hook = _HostHook(params, self.tokenizer, callback) if (callback or any(p.stop_strings for p in params)) \
             else None
         if hook is not None and any(p.stop_strings for p in params) and self.tokenizer is None:
@@ -318,9 +325,10 @@ class Engine:
         if hook is not None:
             _HOOKS[hook_id] = hook
         try:
-            (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
-                self.graphdef, hook is not None, self._decode_params(b), state, sp, jnp.asarray(max_new, jnp.int32),
-                jnp.asarray(hook_id, jnp.int32))
+            with self._on_mesh():
+                (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
+                    self.graphdef, hook is not None, self._decode_params(b), state, sp,
+                    jnp.asarray(max_new, jnp.int32), jnp.asarray(hook_id, jnp.int32))
             toks = np.asarray(toks)  # waits for the loop (and its host callbacks) to finish
         finally:
             _HOOKS.pop(hook_id, None)
@@ -349,6 +357,29 @@ class Engine:
         results, _ = self.decode(state, params, callback=callback, prompt_tokens=[len(r) for r in rows],
                                  consume_state=True)
         return results
+
+
+def sampling_arrays(params: Sequence[SamplingParams], eos: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The per-row sampling and stopping settings the decode loop reads (`eos`: default stop tokens), as host
+    arrays."""
+    b = len(params)
+    stops = [p.stop_token_ids if p.stop_token_ids is not None else eos for p in params]
+    width = max([len(s) for s in stops] + [1])
+    stop_ids = np.full((b, width), -1, np.int32)
+    for i, s in enumerate(stops):
+        stop_ids[i, :len(s)] = s
+    return {
+        "temperature_B": np.asarray([p.temperature for p in params], np.float32),
+        "top_k_B": np.asarray([p.top_k for p in params], np.int32),
+        "top_p_B": np.asarray([p.top_p for p in params], np.float32),
+        "min_p_B": np.asarray([p.min_p for p in params], np.float32),
+        "seed_B": np.asarray([p.seed for p in params], np.uint32),
+        "max_new_B": np.asarray([p.max_new_tokens for p in params], np.int32),
+        "rep_n_B": np.asarray([p.repetition_stop or 0 for p in params], np.int32),
+        "rep_tau_B": np.asarray([p.repetition_threshold for p in params], np.float32),
+        "stop_ids_BxS": np.asarray(stop_ids),
+        "out_capacity": np.zeros((_bucket(max(p.max_new_tokens for p in params)),), np.int8),
+    }
 
 
 class _HostHook:

@@ -44,6 +44,34 @@ def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model)
 
 
+def param_shardings(state: nnx.State, mesh, rules=None) -> nnx.State:
+    """`state` with each parameter's value replaced by its `NamedSharding` on `mesh` (logical axes → rules)."""
+    def shard(var):
+        return var.replace(named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh, rules))
+
+    return jax.tree.map(shard, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_sharded_model(config: ModelConfig, mesh, rules=None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of `jax.ShapeDtypeStruct`s carrying their `NamedSharding`): the inputs of an AOT
+    `jax.jit(f).lower(...)` for a model laid out on `mesh`; nothing is allocated."""
+    graphdef, state = abstract_model(config)
+    shardings = param_shardings(state, mesh, rules)
+    return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+def init_sharded(config: ModelConfig, mesh, *, seed: int = 0, rules=None) -> MiniMaxM1:
+    """`MiniMaxM1(config, rngs=nnx.Rngs(seed))` created directly in its sharding on `mesh`: the initializer is
+    jitted with `out_shardings` from the logical axes, so each device computes and holds only its own shards
+    (the values equal the unsharded init with the same seed)."""
+    graphdef, state = abstract_model(config)
+
+    def init():
+        return nnx.state(MiniMaxM1(config, rngs=nnx.Rngs(seed)))
+
+    return nnx.merge(graphdef, jax.jit(init, out_shardings=param_shardings(state, mesh, rules))())
+
+
 def _full_index(shape):
     return tuple(slice(None) for _ in shape)
 

@@ -51,8 +51,14 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> jax.sha
         n *= s
     if n != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {n} devices, have {len(devices)}")
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:  # a TPU torus cannot give every shape whole physical axes (e.g. 8 of 4x4x4)
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Mapping | None = None

@@ -3,7 +3,8 @@ training run; held as fp32 master parameters plus the dtypes the forward pass ca
 
     master θ (fp32, optimizer state fp32)  ──cast──▶  compute θ (config.param_dtype; router gates fp32)
 
-With a mesh, parameters are sharded by the m1jax rules table (`m1jax.sharding`) via `build_from_views`.
+With a mesh, parameters are created (`init_sharded`) or read (`from_pretrained`) directly in the sharding of the
+m1jax rules table (`m1jax.sharding`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from m1jax.config import ConfigError, ModelConfig
-from m1jax.loading import abstract_model, build_from_views
+from m1jax.loading import abstract_model, init_sharded
 from m1jax.model import MiniMaxM1
 from train.checkpointing import TrainCheckpointer, is_train_checkpoint_dir
 from train.run_config import ModelSpec, RunConfigError
@@ -58,11 +58,9 @@ def _resolve_config(spec: ModelSpec) -> ModelConfig:
         raise RunConfigError(f"run config field '{field}': {e}") from None
 
 
-def _shard(model: MiniMaxM1, mesh) -> MiniMaxM1:
-    """The same parameters laid out on `mesh` by the sharding rules."""
-    _, state = nnx.split(model)
-    views = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
-    return build_from_views(model.config, views, mesh=mesh)
+def _init(config: ModelConfig, seed: int, mesh) -> MiniMaxM1:
+    """Random init with `nnx.Rngs(seed)`; with a mesh, created directly in the rules' sharding."""
+    return MiniMaxM1(config, rngs=nnx.Rngs(seed)) if mesh is None else init_sharded(config, mesh, seed=seed)
 
 
 def _checkpoint_root(path: Path) -> Path:
@@ -84,10 +82,7 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
             except (OSError, json.JSONDecodeError, ConfigError) as e:
                 raise RunConfigError(f"run config field 'model.checkpoint': no usable {MODEL_CONFIG_FILE} in "
                                      f"{root}: {e}") from None
-            model = MiniMaxM1(config, rngs=nnx.Rngs(seed))
-            if mesh is not None:
-                model = _shard(model, mesh)
-            graphdef, params = nnx.split(model)
+            graphdef, params = nnx.split(_init(config, seed, mesh))
             ckpt = TrainCheckpointer(root)
             step = ckpt.latest_step()
             params = ckpt.restore_params(step, params)
@@ -101,10 +96,7 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
             graphdef, params = nnx.split(model)
     else:
         config = _resolve_config(spec)
-        model = MiniMaxM1(config, rngs=nnx.Rngs(seed))
-        if mesh is not None:
-            model = _shard(model, mesh)
-        graphdef, params = nnx.split(model)
+        graphdef, params = nnx.split(_init(config, seed, mesh))
     params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     compute_config = config.replace(param_dtype=param_dtype)
     return ModelBundle(config=compute_config, graphdef=graphdef, params=params,
