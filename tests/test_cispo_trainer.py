@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from m1jax.sharding import make_mesh
+from m1jax.config import DTYPES, LIGHTNING_IMPLS, MOE_IMPLS
+from m1jax.sharding import MESH_AXES, make_mesh
 from train.checkpointing import TrainCheckpointer
 from train.cispo_trainer import CISPOTrainer
 from train.data_sources import SftExamples
@@ -29,7 +31,15 @@ from train.optim import schedule_horizon
 from train.reward_stage import build_reward_set, overlong_penalty, score_rollouts
 from train.rewards import RewardSet, make_code_reward
 from train.rollout import pack_rollouts, rollout_seed
-from train.run_config import OptimizerSpec, RewardsSpec, RunConfigError, load_run_config, parse_run_config
+from train.run_config import (
+    CispoSpec,
+    OptimizerSpec,
+    RewardsSpec,
+    RolloutSpec,
+    RunConfigError,
+    load_run_config,
+    parse_run_config,
+)
 from train.sandbox import SandboxLimits
 from train.tasks import reverse3
 from train.update import LossSpec, compute_model, forward_logprobs, update_step
@@ -104,7 +114,9 @@ def small_config(tmp_path: Path, name: str, **overrides):
     ("steps", 0, "steps"),
     ("mesh", {"model": 2}, "mesh.model"),
     ("rewards", [], "rewards"),
-    ("rewards", [{"name": "reverse3", "weight": "heavy"}], "rewards.reverse3"),
+    ("rewards", [{"name": "reverse3", "weight": "heavy"}], "rewards[0].weight"),
+    ("rewards", {"reverse3": "heavy"}, "rewards.reverse3.weight"),
+    ("rewards", ["reverse3", {"name": "reverse3", "wieght": 1.0}], "rewards[1].wieght"),
     ("model.dtype", "float64", "model.dtype"),
     ("model.preset", "tiny", "model"),  # both preset and config
 ])
@@ -115,7 +127,7 @@ def test_run_config_errors_name_the_field(key, value, field):
     for p in parents:
         node = node.setdefault(p, {})
     node[last] = value
-    with pytest.raises(RunConfigError, match=f"'{field}'"):
+    with pytest.raises(RunConfigError, match=re.escape(f"'{field}'")):
         parse_run_config(data, "cispo")
 
 
@@ -137,6 +149,81 @@ def test_run_config_schema_basics(tmp_path):
         build_reward_set(RewardsSpec.parse({"no_such_module_xyz:fn": 1.0}))
     rs = build_reward_set(RewardsSpec.parse({"reverse3": 0.5, "train.reward_stage:reverse3_exact_reward": 2.0}))
     assert rs.weights == {"reverse3": 0.5, "reverse3_exact_reward": 2.0}
+
+
+MINIMAL_SFT = {"steps": 1, "output_dir": "out", "model": {"preset": "tiny"}}
+MINIMAL = {**MINIMAL_SFT, "rewards": ["reverse3"]}
+
+
+def test_run_config_minimal_file_takes_the_defaults():
+    """A minimal file resolves to the models' defaults (the documented ones, spelled out here once more on purpose:
+    a changed default must be a deliberate edit of this test)."""
+    cfg = parse_run_config(MINIMAL, "cispo")
+    assert cfg.rollout == RolloutSpec() and cfg.cispo == CispoSpec() and cfg.optimizer == OptimizerSpec()
+    assert (cfg.seed, cfg.init_seed, cfg.tokenizer, cfg.mesh, cfg.control, cfg.sft) == (0, 0, None, None, None, None)
+    assert (cfg.model.dtype, cfg.model.param_dtype, cfg.model.moe_impl, cfg.model.lightning_impl) == (
+        "float32", None, "auto", "auto")
+    assert cfg.task.name == "reverse3" and cfg.rewards.functions[0].weight == 1.0 and cfg.rewards.on_error == "raise"
+    r, c, o = cfg.rollout, cfg.cispo, cfg.optimizer
+    assert (r.num_prompts, r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.repetition_stop,
+            r.prefill_chunk, r.overlong, r.dynamic_sampling_rounds) == (16, 8, 64, 1.0, 1.0, 0, 3000, 4096, None, 0)
+    assert (c.loss, c.eps_low, c.eps_high, c.normalization, c.advantage_std, c.num_minibatches, c.epochs) == (
+        "cispo", None, 4.0, "group", "group", 4, 1)
+    assert (o.lr, o.b1, o.b2, o.eps, o.max_grad_norm, o.schedule, o.min_lr_ratio) == (
+        3e-4, 0.9, 0.95, 1e-15, 1.0, "cosine", 0.1)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.log.progress, cfg.log.tensorboard) == (50, 3, True, False)
+    assert cfg.checkpoint_dir == (Path("out") / "checkpoints").absolute() and cfg.optimizer_steps == 4
+    assert cfg.source == MINIMAL
+    sft = parse_run_config({**MINIMAL_SFT, "sft": {"data": "d.jsonl"}}, "sft")
+    assert (sft.sft.seq_len, sft.sft.batch_size, sft.sft.micro_batches, sft.rollout) == (128, 8, 1, None)
+    grpo = parse_run_config({**MINIMAL, "cispo": {"loss": "grpo_clip"}}, "cispo").cispo
+    assert (grpo.eps_low, grpo.eps_high) == (0.2, 0.2)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("steps", "1", "'steps': must be a valid integer, got '1'"),
+    ("seed", 1.0, "'seed': must be a valid integer, got 1.0"),
+    ("optimizer", {"lr": True}, "'optimizer.lr': must be a valid number, got True"),
+    ("log", {"progress": "yes"}, "'log.progress': must be a valid boolean, got 'yes'"),
+    ("optimizer", {"b2": 1.0}, "'optimizer.b2': must be less than 1, got 1.0"),
+    ("optimizer", {"lr": float("nan")}, "'optimizer.lr': must be a finite number, got nan"),
+    ("rollout", {"top_k": -1}, "'rollout.top_k': must be greater than or equal to 0, got -1"),
+    ("rollout", {"overlong": {"cache_tokens": 2, "penalti": 1}},
+     "'rollout.overlong.penalti': unknown key (allowed here: cache_tokens, penalty)"),
+    ("rollout", {"dynamic_sampling": {"max_rounds": 0}}, "'rollout.dynamic_sampling.max_rounds': must be greater"),
+    ("mesh", {"data": 0}, "'mesh.data': must be greater than or equal to 1, got 0"),
+    ("rewards", {"functions": ["reverse3"], "workers": 0}, "'rewards.workers': must be greater than or equal to 1"),
+    ("rewards", {"functions": {}}, "'rewards.functions': needs at least one reward function"),
+])
+def test_run_config_wrong_type_or_range_names_the_field(key, value, expected):
+    with pytest.raises(RunConfigError, match="^" + re.escape(f"run config field {expected}")):
+        parse_run_config({**MINIMAL, key: value}, "cispo")
+
+
+def test_run_config_cross_field_rules_and_spellings():
+    with pytest.raises(RunConfigError, match=r"'sft.micro_batches': must divide sft.batch_size = 8, got 3"):
+        parse_run_config({**MINIMAL_SFT, "sft": {"data": "d.jsonl", "micro_batches": 3}}, "sft")
+    with pytest.raises(RunConfigError, match=r"'cispo.micro_batches': must divide the 16 rows"):
+        parse_run_config({**MINIMAL, "rollout": {"num_prompts": 8, "group_size": 8}, "cispo": {"micro_batches": 3}},
+                         "cispo")
+    for impl in MOE_IMPLS:  # the option lists are m1jax.config's, not copies
+        model = parse_run_config({**MINIMAL, "model": {"preset": "tiny", "moe_impl": impl}}, "cispo").model
+        assert model.moe_impl == impl
+    for impl, dtype in zip(LIGHTNING_IMPLS, DTYPES, strict=True):
+        model = parse_run_config({**MINIMAL, "model": {"preset": "tiny", "lightning_impl": impl, "dtype": dtype}},
+                                 "cispo").model
+        assert (model.lightning_impl, model.dtype) == (impl, dtype)
+    assert dict(parse_run_config({**MINIMAL, "mesh": dict.fromkeys(MESH_AXES, 2)}, "cispo").mesh) == dict.fromkeys(
+        MESH_AXES, 2)
+    spellings = [[{"name": "reverse3", "weight": 1.0}], ["reverse3"], {"reverse3": 1}, {"functions": ["reverse3"]}]
+    assert len({parse_run_config({**MINIMAL, "rewards": s}, "cispo").rewards for s in spellings}) == 1
+    rounds = {ds: parse_run_config({**MINIMAL, "rollout": {"dynamic_sampling": ds}}, "cispo").rollout
+              .dynamic_sampling_rounds for ds in (True, False, None)}
+    assert rounds == {True: 3, False: 0, None: 0}
+    assert parse_run_config({**MINIMAL, "rollout": {"dynamic_sampling": {"max_rounds": 5}}},
+                            "cispo").rollout.dynamic_sampling_rounds == 5
+    assert parse_run_config({**MINIMAL, "cispo": {"advantage_std": "none"}}, "cispo").cispo.advantage_std is None
+    assert hash(OptimizerSpec.parse({"lr": 1e-3})) == hash(OptimizerSpec.parse({"lr": "1e-3"}))  # a jit static
 
 
 def test_cli_reports_the_bad_field(tmp_path, capsys):
