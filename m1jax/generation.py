@@ -5,7 +5,9 @@ One engine serves every entry point (CLI, batch jobs, the CISPO trainer's rollou
 * Prompts of different lengths are left-padded into one batch; each sequence keeps its own RoPE positions, and
   padding never enters a softmax score or a lightning state (`MiniMaxM1` guarantees both).
 * Prefill runs in fixed-size chunks (default 4096 tokens), so a prompt of any length needs bounded activation
-  memory; lightning states carry across chunks, softmax K/V accumulate in the cache.
+  memory; lightning states carry across chunks, softmax K/V accumulate in the cache. `prefill_chunk=None` runs
+  the whole prompt in one call: with the sequence sharded over a mesh (batch 1 at long context, see
+  `sharding.RULES["seq"]`) every chip then holds only its share of the prompt's activations.
 * Decode is one `lax.while_loop` that samples, records the model log-prob of every token (fp32 head), applies
   stop tokens / max tokens / the repetition early stop, and exits when every sequence has finished. Stop strings
   and streaming callbacks run on the host through an ordered `io_callback` per step.
@@ -177,7 +179,7 @@ class Engine:
     """Batched generation for one model. Compiled functions are shared by every engine of the same model
     structure, so creating engines is cheap."""
 
-    def __init__(self, model, tokenizer=None, *, prefill_chunk: int = 4096, max_len: int | None = None,
+    def __init__(self, model, tokenizer=None, *, prefill_chunk: int | None = 4096, max_len: int | None = None,
                  unstack_experts: bool = True, mesh=None, rules=None):
         """`mesh` (optional): run prefill and decode under `jax.set_mesh(mesh)` with the parameters and the
         cache laid out by the sharding rules (`rules`, default `m1jax.sharding.RULES`); parameters not yet in
@@ -190,9 +192,9 @@ class Engine:
         self.unstack_experts = unstack_experts
         self._unstacked = None
         self.tokenizer = tokenizer
-        if prefill_chunk < 1:
-            raise GenerationError(f"prefill_chunk must be ≥ 1, got {prefill_chunk}")
-        self.prefill_chunk = int(prefill_chunk)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be ≥ 1 (or None: one call), got {prefill_chunk}")
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.max_len = int(max_len or self.config.max_position_embeddings)
 
     def _on_mesh(self):
@@ -248,7 +250,7 @@ class Engine:
             raise GenerationError(f"prompt {i} needs {int(start_pos[i] + lens[i])} positions, more than the "
                                   f"configured maximum {self.max_len}")
         longest = int(lens.max())
-        chunk = min(self.prefill_chunk, _bucket(longest))
+        chunk = _bucket(longest) if self.prefill_chunk is None else min(self.prefill_chunk, _bucket(longest))
         padded = _round_up(max(longest, 1), chunk)
         tokens = np.zeros((b, padded), np.int32)
         valid = np.zeros((b, padded), bool)
@@ -485,7 +487,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 2
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | Sequence[int] = 0,
              stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              repetition_stop: int | None = 3000, repetition_threshold: float = 0.99, tokenizer=None,
-             callback: Callable | None = None, prefill_chunk: int = 4096) -> list[GenerationResult]:
+             callback: Callable | None = None, prefill_chunk: int | None = 4096) -> list[GenerationResult]:
     """Generate continuations of token-id `prompts` (a list of lists); `temperature=0.0` is greedy.
 
     `seed` may be one int (request i uses seed + i) or one per prompt. Returns one `GenerationResult` per prompt

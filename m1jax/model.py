@@ -23,6 +23,8 @@ from m1jax.modules.unfused import dot_boundary, linear
 from m1jax.sharding import constrain
 from m1jax.weights import DTYPE, param
 
+HIDDEN_AXES = ("batch", "seq", None)  # hidden states: split over batch, and over the sequence at long context
+
 
 @struct.dataclass
 class ModelOutput:
@@ -82,11 +84,11 @@ class MiniMaxM1(nnx.Module):
             positions_BxL = jnp.broadcast_to(default_pos, (b, l))
         ctx["cos"], ctx["sin"] = rope_tables(positions_BxL, c.rope_dim, c.rope_theta)
 
-        h = constrain(self.embed_tokens[...][tokens_BxL].astype(dt), ("batch", None, None))
+        h = constrain(self.embed_tokens[...][tokens_BxL].astype(dt), HIDDEN_AXES)
         new_layers, states, routing = [], [], []
         for i, layer in enumerate(self.layers):
             h, layer_cache, stats = layer(h, ctx=ctx, layer_cache=None if cache is None else cache.layers[i])
-            h = constrain(h, ("batch", None, None))
+            h = constrain(h, HIDDEN_AXES)
             new_layers.append(layer_cache)
             if c.layer_types[i] == LIGHTNING:
                 states.append(layer_cache)

@@ -17,7 +17,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 # Default mesh axes: ("data", "fsdp", "tensor", "expert").
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "seq": None,
+    # The data axes that the batch leaves unused (batch 1 at long context) split the sequence (sequence sharding:
+    # lightning passes decayed states between shards, softmax attention gathers K/V or combines partial softmaxes).
+    "seq": ("data", "fsdp", "expert"),
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -91,14 +93,28 @@ def named_sharding(axes, shape, mesh, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-def _current_mesh():
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None → (), "a" → ("a",), ("a", "b") → ("a", "b"))."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def axes_size(mesh, axes: Sequence[str]) -> int:
+    """Number of shards along the mesh axes `axes` (1 for none)."""
+    n = 1
+    for a in axes:
+        n *= dict(mesh.shape)[a]
+    return n
+
+
+def current_mesh():
+    """The active mesh (`jax.set_mesh`), or None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules=None) -> jax.Array:
     """`with_sharding_constraint` by logical axes under the active mesh (`jax.set_mesh`); identity otherwise."""
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from m1jax.config import ModelConfig
 from m1jax.modules.norm import rms_norm
 from m1jax.modules.unfused import linear
-from m1jax.sharding import logical_to_spec
+from m1jax.cache import STATE_AXES
+from m1jax.sharding import axes_size, current_mesh, logical_to_spec, spec_axes
 from m1jax.weights import DTYPE, param
 from pallas_kernels import lightning_attention, lightning_decode
 from pallas_kernels.lightning import resolve_impl
@@ -66,8 +68,59 @@ def per_shard(fn, impl: str, *args_and_axes):
 
 
 QKV_AXES = ("batch", None, "heads", None)
+SEQ_QKV_AXES = ("batch", "seq", "heads", None)
 TOKEN_AXES = ("batch", "heads", None)
-STATE_AXES = ("batch", "heads", None, None)
+
+
+def sequence_spec(q_BxLxHxD: jax.Array):
+    """(mesh, PartitionSpec of q by `SEQ_QKV_AXES`, the mesh axes splitting the sequence) when the active mesh
+    splits this sequence; None otherwise."""
+    mesh = current_mesh()
+    if mesh is None:
+        return None
+    spec = logical_to_spec(SEQ_QKV_AXES, q_BxLxHxD.shape, mesh)
+    seq = spec_axes(spec[1])
+    return (mesh, spec, seq) if seq else None
+
+
+def sequence_sharded_lightning(q, k, v, slope_H, *, mesh, spec, seq_axes, block_size: int, impl: str):
+    """Lightning attention from a zero state with the sequence split into n equal shards over `seq_axes` (LASP).
+
+    Shard i (tokens [i·c, (i+1)·c)) computes its blocked attention O⁰_i and state S_i from a zero state; the
+    state entering it is the decayed prefix of the earlier shards' states (gathered: n·[B, H, D, D] fp32),
+
+        P_i = Σ_{j<i} λ^{c·(i−1−j)} S_j,      o_t += λ^{t+1} q_t P_i   (t local),      S = Σ_j λ^{c·(n−1−j)} S_j,
+
+    which is the unsharded recurrence regrouped (exact up to fp32 rounding; all exponents ≥ 0). Returns
+    (out `[B, L, H, D]` sharded like q, final state `[B, H, D, D]` fp32).
+    """
+    n = axes_size(mesh, seq_axes)
+    c = q.shape[1] // n
+    state_spec = P(spec[0], spec[2], None, None)
+    varying = tuple(a for entry in spec for a in spec_axes(entry))  # the axes a shard's zero state varies over
+
+    def local(q, k, v, slope_H):
+        b, _, h, d = q.shape
+        zero = jax.lax.pcast(jnp.zeros((b, h, d, v.shape[-1]), jnp.float32), varying, to="varying")
+        out, s_BxHxDxE = lightning_attention(q, k, v, slope_H, zero, block_size=block_size, impl=impl)
+        i = jax.lax.axis_index(seq_axes)
+        states_NxBxHxDxE = jax.lax.all_gather(s_BxHxDxE, seq_axes)
+        j = jnp.arange(n)
+        exp_N = ((i - 1 - j) * c).astype(jnp.float32)
+        w_NxH = jnp.where((j < i)[:, None], jnp.exp(-jnp.maximum(exp_N, 0.0)[:, None] * slope_H), 0.0)
+        incoming = jnp.einsum("nh,nbhde->bhde", w_NxH, states_NxBxHxDxE, precision=jax.lax.Precision.HIGHEST)
+        q_decay_LxH = jnp.exp(-(jnp.arange(c, dtype=jnp.float32)[:, None] + 1.0) * slope_H)
+        carried = jnp.einsum("blhd,bhde->blhe", q.astype(jnp.float32) * q_decay_LxH[..., None], incoming,
+                             precision=jax.lax.Precision.HIGHEST)
+        out = (out.astype(jnp.float32) + carried).astype(q.dtype)
+        to_end_H = jnp.exp(-((n - 1 - i) * c).astype(jnp.float32) * slope_H)
+        final = jax.lax.psum(to_end_H[None, :, None, None] * s_BxHxDxE, seq_axes)
+        return out, final
+
+    # pallas_call outputs do not declare how they vary over the mesh axes, so the check is off for the kernels.
+    check = resolve_impl(impl) != "pallas"
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[2])), out_specs=(spec, state_spec),
+                         check_vma=check)(q, k, v, slope_H.astype(jnp.float32))
 
 
 class LightningAttention(nnx.Module):
@@ -111,7 +164,7 @@ class LightningAttention(nnx.Module):
             if valid_BxL is not None:  # a padding step leaves the state untouched
                 state = jnp.where(valid_BxL[:, 0, None, None, None], state, state_BxHxDxD)
             o_BxLxHxD = o[:, None]
-        elif state_BxHxDxD is not None and valid_BxL is not None:
+        elif state_BxHxDxD is not None and (valid_BxL is not None or sequence_spec(q) is not None):
             o_BxLxHxD, state = self._continue_left_padded(q, k, v, slope_H, state_BxHxDxD, valid_BxL)
         else:
             o_BxLxHxD, state = self._prefill(q, k, v, slope_H, state_BxHxDxD)
@@ -124,12 +177,18 @@ class LightningAttention(nnx.Module):
 
     def _prefill(self, q, k, v, slope_H, state):
         c = self.config
+        sharded = sequence_spec(q) if state is None else None
+        if sharded is not None:
+            mesh, spec, seq_axes = sharded
+            return sequence_sharded_lightning(q, k, v, slope_H, mesh=mesh, spec=spec, seq_axes=seq_axes,
+                                              block_size=c.block_size, impl=c.lightning_impl)
         return per_shard(lambda *a: lightning_attention(*a, block_size=c.block_size, impl=c.lightning_impl),
                          c.lightning_impl, (q, QKV_AXES), (k, QKV_AXES), (v, QKV_AXES), (slope_H, ("heads",)),
                          (state, STATE_AXES))
 
     def _continue_left_padded(self, q, k, v, slope_H, s0_BxHxDxD, valid_BxL):
-        """Carry a state S₀ across a chunk whose row b starts with p_b padding tokens: the state skips them.
+        """Carry a state S₀ across a chunk whose row b starts with p_b padding tokens (none if `valid_BxL` is
+        None): the state skips them.
 
         By linearity the carried state enters at the first real token: with zero initial state for the chunk,
             o_t += λ^{t−p_b+1} q_t S₀  (t ≥ p_b),        S_L += λ^{L−p_b} S₀.
@@ -137,7 +196,8 @@ class LightningAttention(nnx.Module):
         """
         l = q.shape[1]
         out, fin = self._prefill(q, k, v, slope_H, None)
-        pad_B = l - jnp.sum(valid_BxL.astype(jnp.int32), axis=1)
+        pad_B = jnp.zeros(q.shape[0], jnp.int32) if valid_BxL is None else \
+            l - jnp.sum(valid_BxL.astype(jnp.int32), axis=1)
         exp_BxL = (jnp.arange(l)[None, :] - pad_B[:, None] + 1).astype(jnp.float32)
         decay_BxLxH = jnp.where(exp_BxL[..., None] > 0, jnp.exp(-jnp.maximum(exp_BxL, 0.0)[..., None] * slope_H), 0.0)
         carried = jnp.einsum("blhd,bhde->blhe", q.astype(jnp.float32) * decay_BxLxH[..., None], s0_BxHxDxD,

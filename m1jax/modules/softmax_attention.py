@@ -8,13 +8,19 @@ a score. Long key ranges run blockwise with an online softmax (bounded memory, s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from m1jax.cache import KV_AXES
 from m1jax.config import ModelConfig
 from m1jax.modules.rope import apply_rope
 from m1jax.modules.unfused import linear
+from m1jax.sharding import axes_size, current_mesh, logical_to_spec, spec_axes
 from m1jax.weights import DTYPE, param
 
 NEG = jnp.finfo(jnp.float32).min
@@ -29,13 +35,28 @@ def _visible(kv_valid_BxS, slots_S, q_slot_L):
     return kv_valid_BxS[:, None, None, None, :] & causal_LxS[None, None, None]
 
 
+def _dense_stats(q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, q_slot_L, kv_valid_BxS, slots_S, scale):
+    """Softmax statistics over every key at once: row max m, Σ exp(s − m) and Σ exp(s − m)·v (`[B, K, G, L(, D)]`)."""
+    s = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxD, k_BxKxSxD, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(_visible(kv_valid_BxS, slots_S, q_slot_L), s, NEG)
+    m = s.max(-1)
+    p = jnp.exp(s - m[..., None])
+    acc = jnp.einsum("bkgls,bksd->bkgld", p.astype(v_BxKxSxD.dtype), v_BxKxSxD, preferred_element_type=jnp.float32)
+    return m, p.sum(-1), acc
+
+
 def _dense(q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, q_slot_L, kv_valid_BxS, scale):
     """Masked softmax attention with every visible key at once: `[B, K, G, L, D]` fp32."""
-    s = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxD, k_BxKxSxD, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(_visible(kv_valid_BxS, jnp.arange(k_BxKxSxD.shape[2]), q_slot_L), s, NEG)
-    p = jnp.exp(s - s.max(-1, keepdims=True))
-    out = jnp.einsum("bkgls,bksd->bkgld", p.astype(v_BxKxSxD.dtype), v_BxKxSxD, preferred_element_type=jnp.float32)
-    return out / p.sum(-1)[..., None]
+    _, den, acc = _dense_stats(q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, q_slot_L, kv_valid_BxS,
+                               jnp.arange(k_BxKxSxD.shape[2]), scale)
+    return acc / den[..., None]
+
+
+def _heads_out(acc_BxKxGxLxD, den_BxKxGxL, dtype):
+    """acc / den back to `[B, L, H, D]` in `dtype`."""
+    b, kh, g, l, d = acc_BxKxGxLxD.shape
+    out = acc_BxKxGxLxD / den_BxKxGxL[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, kh * g, d).astype(dtype)
 
 
 def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, q_slot_L: jax.Array,
@@ -49,6 +70,30 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
     """
     b, l, h, d = q_BxLxHxD.shape
     s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    if causal_prefix and s <= DIRECT_MAX_KEYS and l > QUERY_CHUNK:
+        q = q_BxLxHxD.reshape(b, l, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]: batched GEMMs
+        k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
+        valid = jnp.ones((b, s), bool) if kv_valid_BxS is None else kv_valid_BxS
+        outs = [_dense(q[:, :, :, i:i + QUERY_CHUNK], k[:, :, :i + QUERY_CHUNK], v[:, :, :i + QUERY_CHUNK],
+                       q_slot_L[i:i + QUERY_CHUNK], valid[:, :i + QUERY_CHUNK], d ** -0.5)
+                for i in range(0, l, QUERY_CHUNK)]
+        out = jnp.concatenate(outs, axis=3)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+    _, den, acc = attend_stats(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_slot_L=q_slot_L, kv_valid_BxS=kv_valid_BxS,
+                               num_slots=num_slots)
+    return _heads_out(acc, den, q_BxLxHxD.dtype)
+
+
+def attend_stats(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, q_slot_L: jax.Array,
+                 kv_valid_BxS: jax.Array | None, num_slots: jax.Array | int | None = None,
+                 slot_base: jax.Array | int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Unnormalised softmax attention over these keys: (m, Σ exp(s − m), Σ exp(s − m)·v), `[B, K, G, L(, D)]` fp32.
+
+    Key j sits in slot `slot_base + j` (a shard of a longer cache); `num_slots` bounds the keys read. Statistics
+    of disjoint key sets combine exactly: m = max mᵢ, den = Σ denᵢ·e^{mᵢ−m}, acc = Σ accᵢ·e^{mᵢ−m}.
+    """
+    b, l, h, d = q_BxLxHxD.shape
+    s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     g = h // kh
     scale = d ** -0.5
     q = q_BxLxHxD.reshape(b, l, kh, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]: batched GEMMs
@@ -56,16 +101,8 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
         kv_valid_BxS = jnp.ones((b, s), bool)
 
     if s <= DIRECT_MAX_KEYS:
-        k = k_BxSxKxD.transpose(0, 2, 1, 3)
-        v = v_BxSxKxD.transpose(0, 2, 1, 3)
-        if causal_prefix and l > QUERY_CHUNK:
-            outs = [_dense(q[:, :, :, i:i + QUERY_CHUNK], k[:, :, :i + QUERY_CHUNK], v[:, :, :i + QUERY_CHUNK],
-                           q_slot_L[i:i + QUERY_CHUNK], kv_valid_BxS[:, :i + QUERY_CHUNK], scale)
-                    for i in range(0, l, QUERY_CHUNK)]
-            out = jnp.concatenate(outs, axis=3)
-        else:
-            out = _dense(q, k, v, q_slot_L, kv_valid_BxS, scale)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+        return _dense_stats(q, k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3), q_slot_L,
+                            kv_valid_BxS, slot_base + jnp.arange(s), scale)
 
     # Long key range (a big cache): visit key blocks, only up to `num_slots`, with an online softmax; each block
     # is sliced from the cache in its own layout, so a step reads just the filled part of the cache. The last
@@ -80,10 +117,10 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
         start = jnp.minimum(first, s - kb)
         kblk = jax.lax.dynamic_slice_in_dim(k, start, kb, axis=1).transpose(0, 2, 1, 3)
         vblk = jax.lax.dynamic_slice_in_dim(v, start, kb, axis=1).transpose(0, 2, 1, 3)
-        slots = start + jnp.arange(kb)
-        valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1) & (slots >= first)[None, :]
+        local = start + jnp.arange(kb)
+        valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1) & (local >= first)[None, :]
         sc = jnp.einsum("bkgld,bksd->bkgls", q, kblk, preferred_element_type=jnp.float32) * scale
-        sc = jnp.where(_visible(valid_blk, slots, q_slot_L), sc, NEG)
+        sc = jnp.where(_visible(valid_blk, slot_base + local, q_slot_L), sc, NEG)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(sc - m_new[..., None])
@@ -98,9 +135,123 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
         n_blocks = n_blocks_static
     else:
         n_blocks = jnp.minimum((num_slots + kb - 1) // kb, n_blocks_static)
-    _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    out = acc / den[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+    return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+# ----------------------------------------------------------------------------------- sequence sharding
+def _sequence_sharding(k_BxLxKxD, k_cache_BxSxKxD):
+    """The per-shard attention to use when the active mesh splits the new tokens (`seq` of `KV_AXES`) or the
+    cache slots over mesh axes; None when neither is split. The new tokens split → `_gathered` (each shard
+    gathers K/V); only the cache split → `_partial_softmax` (flash-decoding: no gather of the cache)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return None
+    kv_spec = logical_to_spec(KV_AXES, k_BxLxKxD.shape, mesh)
+    c_spec = None if k_cache_BxSxKxD is None else logical_to_spec(KV_AXES, k_cache_BxSxKxD.shape, mesh)
+    q_seq, c_seq = spec_axes(kv_spec[1]), () if c_spec is None else spec_axes(c_spec[1])
+    if not q_seq and not c_seq:
+        return None
+    if c_spec is not None and (c_spec[0], c_spec[2]) != (kv_spec[0], kv_spec[2]):
+        raise ValueError(f"cache sharding {c_spec} and new K/V sharding {kv_spec} differ outside the sequence axis")
+    # q [B, L, H, D] is split like k: its heads over the kv-head axes, so every shard holds whole GQA groups.
+    layout = _ShardLayout(mesh, kv_spec, c_spec, q_seq, c_seq)
+    return functools.partial(_gathered if q_seq else _partial_softmax, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardLayout:
+    mesh: object
+    kv_spec: P  # new q / k / v [B, L, ·, D]
+    cache_spec: P | None  # cached K / V [B, S, K, D]
+    q_seq: tuple[str, ...]  # mesh axes splitting the new tokens
+    cache_seq: tuple[str, ...]  # mesh axes splitting the cache slots
+
+    def row(self, spec):  # [B, L] / [B, S] arrays (valid masks)
+        return P(spec[0], spec[1])
+
+
+def _gather_seq(x, axes, axis=1):
+    return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
+
+
+def _gathered(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cache_valid_BxS):
+    """New tokens split over `q_seq` in n shards of c: each shard gathers the new K/V (and the cache, if any)
+    and attends its queries, at their global slots, to every visible slot (exact; K/V are small: K·D per token)."""
+    b, l = q.shape[:2]
+    c = l // axes_size(lay.mesh, lay.q_seq)
+    if valid_BxL is None:
+        valid_BxL = jnp.ones((b, l), bool)
+    kv_spec = lay.kv_spec
+
+    if kv_cache is None:
+        def local(q, k, v, valid):
+            first = jax.lax.axis_index(lay.q_seq) * c
+            kf, vf, validf = (_gather_seq(x, lay.q_seq) for x in (k, v, valid))
+            return attend(q, kf, vf, q_slot_L=first + jnp.arange(c), kv_valid_BxS=validf, num_slots=first + c)
+
+        out = jax.shard_map(local, mesh=lay.mesh, in_specs=(kv_spec, kv_spec, kv_spec, lay.row(kv_spec)),
+                            out_specs=kv_spec)(q, k, v, valid_BxL)
+        return out, None
+
+    c_spec = lay.cache_spec
+
+    def local(q, k, v, kc, vc, cvalid, start):
+        first = start + jax.lax.axis_index(lay.q_seq) * c
+        kf, vf = _gather_seq(k, lay.q_seq), _gather_seq(v, lay.q_seq)
+        kcf, vcf, cvalidf = (_gather_seq(x, lay.cache_seq) for x in (kc, vc, cvalid))
+        kcf = jax.lax.dynamic_update_slice_in_dim(kcf, kf.astype(kcf.dtype), start, axis=1)
+        vcf = jax.lax.dynamic_update_slice_in_dim(vcf, vf.astype(vcf.dtype), start, axis=1)
+        out = attend(q, kcf, vcf, q_slot_L=first + jnp.arange(c), kv_valid_BxS=cvalidf, num_slots=first + c)
+        if lay.cache_seq:
+            sc = kc.shape[1]
+            own = jax.lax.axis_index(lay.cache_seq) * sc
+            kcf = jax.lax.dynamic_slice_in_dim(kcf, own, sc, axis=1)
+            vcf = jax.lax.dynamic_slice_in_dim(vcf, own, sc, axis=1)
+        return out, kcf, vcf
+
+    out, kc, vc = jax.shard_map(
+        local, mesh=lay.mesh,
+        in_specs=(kv_spec, kv_spec, kv_spec, c_spec, c_spec, lay.row(c_spec), P()),
+        out_specs=(kv_spec, c_spec, c_spec))(q, k, v, *kv_cache, cache_valid_BxS, jnp.asarray(cache_start, jnp.int32))
+    return out, (kc, vc)
+
+
+def _partial_softmax(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cache_valid_BxS):
+    """Cache slots split over `cache_seq` in shards of sc (the new tokens are not split: decode): each shard writes
+    the new tokens that land in its slots, computes softmax statistics of all queries over its own slots, and
+    the shards combine them flash-decoding style (max, then psum of rescaled sums); the cache is never gathered."""
+    l = q.shape[1]
+    kv_spec, c_spec = lay.kv_spec, lay.cache_spec
+
+    def local(q, k, v, kc, vc, cvalid, start):
+        sc = kc.shape[1]
+        own = jax.lax.axis_index(lay.cache_seq) * sc
+        # Write through a window of w slots that holds every local slot the new tokens land in.
+        w = min(l, sc)
+        at = jnp.clip(start - own, 0, sc - w)
+        tok_W = own + at + jnp.arange(w) - start
+        lands_W = (tok_W >= 0) & (tok_W < l)
+        src_W = jnp.clip(tok_W, 0, l - 1)
+
+        def write(cache, new):
+            old = jax.lax.dynamic_slice_in_dim(cache, at, w, axis=1)
+            upd = jnp.where(lands_W[None, :, None, None], jnp.take(new, src_W, axis=1).astype(cache.dtype), old)
+            return jax.lax.dynamic_update_slice_in_dim(cache, upd, at, axis=1)
+
+        kc, vc = write(kc, k), write(vc, v)
+        m, den, acc = attend_stats(q, kc, vc, q_slot_L=start + jnp.arange(l), kv_valid_BxS=cvalid,
+                                   num_slots=jnp.clip(start + l - own, 0, sc), slot_base=own)
+        m_all = jax.lax.pmax(m, lay.cache_seq)
+        corr = jnp.exp(m - m_all)
+        den = jax.lax.psum(den * corr, lay.cache_seq)
+        acc = jax.lax.psum(acc * corr[..., None], lay.cache_seq)
+        return _heads_out(acc, den, q.dtype), kc, vc
+
+    out, kc, vc = jax.shard_map(
+        local, mesh=lay.mesh,
+        in_specs=(kv_spec, kv_spec, kv_spec, c_spec, c_spec, lay.row(c_spec), P()),
+        out_specs=(kv_spec, c_spec, c_spec))(q, k, v, *kv_cache, cache_valid_BxS, jnp.asarray(cache_start, jnp.int32))
+    return out, (kc, vc)
 
 
 class SoftmaxAttention(nnx.Module):
@@ -132,7 +283,10 @@ class SoftmaxAttention(nnx.Module):
         q = apply_rope(linear(x_BxLxD, self.q_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
         k = apply_rope(linear(x_BxLxD, self.k_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
         v = linear(x_BxLxD, self.v_proj[...].astype(dt))
-        if kv_cache is None:
+        sharded = _sequence_sharding(k, None if kv_cache is None else kv_cache[0])
+        if sharded is not None:
+            out, new_cache = sharded(q, k, v, valid_BxL, kv_cache, cache_start, cache_valid_BxS)
+        elif kv_cache is None:
             out = attend(q, k, v, q_slot_L=jnp.arange(l), kv_valid_BxS=valid_BxL, causal_prefix=True)
             new_cache = None
         else:
