@@ -20,10 +20,19 @@ from m1jax.sampling import SamplingParams
 from m1jax.sharding import logical_to_spec, make_mesh, spec_axes
 
 MESHES = [{"data": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "expert": 4}]
+# (mesh, batch): the default run covers every mesh and both batch sizes; the full grid is marked slow.
+FAST = [(MESHES[0], 1), (MESHES[1], 2), (MESHES[2], 2)]
+
+
+def _grid(fast):
+    return [pytest.param(m, b, marks=() if (m, b) in fast else pytest.mark.slow,
+                         id="-".join(f"{k}{v}" for k, v in m.items()) + f"-batch{b}") for m in MESHES for b in (1, 2)]
+
+
+GRID, MODEL_GRID = _grid(FAST), _grid(FAST[2:])
 TOL = dict(rtol=2e-5, atol=2e-5)
 CONFIG = ModelConfig.from_preset("tiny").replace(
-    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
-    layer_types=("linear_attention", "full_attention", "linear_attention", "full_attention"))
+    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, layer_types=("linear_attention", "full_attention"))
 
 
 def _manual(fn, *args):
@@ -35,8 +44,7 @@ def _valid(b, l, pads=(0, 5)):
     return jnp.arange(l)[None, :] >= jnp.asarray(pads[:b])[:, None]
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES)
-@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize(("mesh_shape", "b"), GRID)
 def test_lightning_layer(mesh_shape, b):
     """From a zero state, and carrying a nonzero state across a left-padded chunk: outputs and final state."""
     layer = LightningAttention(CONFIG, 1, rngs=nnx.Rngs(0))
@@ -59,8 +67,7 @@ def test_lightning_layer(mesh_shape, b):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), **TOL)
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES)
-@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize(("mesh_shape", "b"), GRID)
 def test_softmax_layer(mesh_shape, b):
     """Causal prefill without a cache, prefill into a cache at slot 16 (earlier slots filled), one decode step."""
     layer = SoftmaxAttention(CONFIG, 3, rngs=nnx.Rngs(0))
@@ -139,27 +146,28 @@ def model_and_reference():
             logits.append(np.asarray(out.logits))
         return logits, cache
 
-    refs = {b: run(nnx.state(model), b) for b in (1, 2)}
-    return views, run, refs
+    return model, views, run, {}
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES)
-@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize(("mesh_shape", "b"), MODEL_GRID)
 def test_model_prefill_and_decode(model_and_reference, mesh_shape, b):
-    views, run, refs = model_and_reference
+    model, views, run, refs = model_and_reference
     mesh = make_mesh(mesh_shape)
     sharded = build_from_views(CONFIG, views, mesh=mesh)
     with jax.set_mesh(mesh):
         logits, cache = run(nnx.state(sharded), b, mesh)
+    if b not in refs:
+        refs[b] = run(nnx.state(model), b)
     exp_logits, exp_cache = refs[b]
     for g, e in zip(logits, exp_logits, strict=True):
         np.testing.assert_allclose(g, e, **TOL)
-    k_cache = cache.layers[1][0]
+    k_cache = cache.layers[CONFIG.layer_types.index("full_attention")][0]
     assert spec_axes(k_cache.sharding.spec[1]), f"K/V cache replicated over the sequence: {k_cache.sharding}"
     for g, e in zip(jax.tree.leaves(cache), jax.tree.leaves(exp_cache), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), **TOL)
 
 
+@pytest.mark.slow
 def test_engine_one_shot_prefill_under_a_sequence_mesh():
     """`Engine(prefill_chunk=None)` prefills a prompt in one sequence-sharded call; greedy tokens and log-probs
     equal the chunked single-device engine's."""
