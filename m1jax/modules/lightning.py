@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from m1jax.cache import STATE_AXES
 from m1jax.config import ModelConfig
 from m1jax.modules.norm import rms_norm
 from m1jax.modules.unfused import linear
-from m1jax.cache import STATE_AXES
 from m1jax.sharding import axes_size, current_mesh, logical_to_spec, spec_axes
 from m1jax.weights import DTYPE, param
 from pallas_kernels import lightning_attention, lightning_decode
