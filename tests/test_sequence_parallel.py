@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m1jax.cache import KV_AXES, cache_shardings, init_cache
+from m1jax.cache import KV_AXES, init_cache
 from m1jax.config import ModelConfig
 from m1jax.generation import Engine
 from m1jax.loading import build_from_views
@@ -32,7 +32,8 @@ def _grid(fast):
 GRID, MODEL_GRID = _grid(FAST), _grid(FAST[2:])
 TOL = dict(rtol=2e-5, atol=2e-5)
 CONFIG = ModelConfig.from_preset("tiny").replace(
-    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, layer_types=("linear_attention", "full_attention"))
+    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2,
+    layer_types=("linear_attention", "full_attention"))
 
 
 def _manual(fn, *args):
@@ -131,9 +132,7 @@ def model_and_reference():
         tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (b, 32)))
         valid = _valid(b, 32, (0, 21))
         pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        cache = init_cache(CONFIG, b, 64)
-        if mesh is not None:
-            cache = jax.device_put(cache, cache_shardings(cache, mesh))
+        cache = init_cache(CONFIG, b, 64, mesh=mesh)
         logits = []
         for s in (0, 16):
             out = step(params, cache, tokens[:, s:s + 16], pos[:, s:s + 16], valid[:, s:s + 16])
@@ -175,10 +174,6 @@ def test_engine_one_shot_prefill_under_a_sequence_mesh():
     prompt = np.random.default_rng(0).integers(0, CONFIG.vocab_size, 45).tolist()
     sp = SamplingParams(temperature=0.0, max_new_tokens=4)
     expected = Engine(model, prefill_chunk=16).generate([prompt], sp)[0]
-    mesh = make_mesh({"data": 8})
-    views = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
-    sharded = build_from_views(CONFIG, views, mesh=mesh)
-    with jax.set_mesh(mesh):
-        got = Engine(sharded, prefill_chunk=None).generate([prompt], sp)[0]
+    got = Engine(model, prefill_chunk=None, mesh=make_mesh({"data": 8})).generate([prompt], sp)[0]
     assert got.tokens == expected.tokens
     np.testing.assert_allclose(got.logprobs, expected.logprobs, rtol=1e-4, atol=1e-4)
