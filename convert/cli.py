@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
+from m1jax.config import QUANTIZE_MODES
+
 
 def cmd_convert(args) -> int:
     """HF checkpoint directory → m1jax checkpoint (orbax parameters + config + tokenizer files)."""
     from convert.hf_to_m1jax import BLOCK_BYTES, convert_checkpoint
 
     dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, workers=args.workers, progress=not args.quiet,
-                             block_bytes=args.block_bytes or BLOCK_BYTES)
+                             block_bytes=args.block_bytes or BLOCK_BYTES, quantize=args.quantize)
     if not args.quiet:
         print(f"m1jax checkpoint written to {dst}")
     return 0
@@ -40,6 +42,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("dst", help="output directory (absent, empty, or an interrupted conversion to resume)")
     p.add_argument("--dtype", default=None, help="cast the weights to this storage dtype (default: keep each "
                    "tensor's stored dtype, a lossless conversion; router gates stay float32)")
+    p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m],
+                   help="store the routed experts' weights int8 with per-output-channel fp32 scales")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="parallel reader/writer threads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -55,7 +59,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("src", help="m1jax checkpoint directory written by `m1jax convert`")
     p.add_argument("dst", help="output directory (absent or empty)")
     p.add_argument("--dtype", default=None, help="cast the weights to this dtype (default: keep each parameter's "
-                   "dtype; router gates stay float32)")
+                   "dtype, int8 experts dequantized to the checkpoint's dtype; router gates stay float32)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_export)

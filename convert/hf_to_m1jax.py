@@ -7,6 +7,9 @@ cache-sized tiles, and written into its region of the output array; consecutive 
 commit. At most `workers` batches are in flight, so peak memory is about
 `workers × 3 × max(block_bytes, largest expert tensor)` plus the interpreter, whatever the model size.
 
+With `quantize="int8-experts"` every expert stack is cut into blocks of whole experts, and each block is
+quantized as it is written (`m1jax.quantize.quantize_int8`): the int8 weight plus its fp32 scales `…_scale`.
+
 Resumable: a journal (see `journal.py`) records each committed batch; a rerun with the same arguments and an
 unchanged source skips those blocks and produces identical arrays. The commit marker is written last.
 Hidden test hook: `M1JAX_CONVERT_KILL_AFTER=N` makes the converter SIGKILL itself after its N-th commit.
@@ -48,6 +51,8 @@ from convert.m1jax_checkpoint import (
 from convert.orbax_store import OrbaxArrayStore, array_key, fsync_dir, write_json_atomic
 from convert.progress import human_bytes, progress_bar
 from convert.safetensors_io import DTYPE_NAMES, DTYPES
+from m1jax.config import QUANTIZE_MODES
+from m1jax.quantize import is_expert_weight_path, quantize_int8, scale_path
 
 BLOCK_BYTES = 64 * 1024 * 1024
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
@@ -85,6 +90,7 @@ class Block:
     index: tuple  # region of the JAX-layout parameter (tuple of slices)
     nbytes: int  # bytes written (output dtype)
     order: tuple  # (shard, byte offset, number): blocks are processed in file order
+    scale_key: str | None = None  # int8 experts: the scales array this block's experts also fill
 
     @property
     def id(self) -> str:
@@ -104,7 +110,8 @@ def _block_axis(view) -> int:
     return max(movable, key=lambda i: abs(view.strides[i])) if movable else 0
 
 
-def plan(ckpt: HFCheckpoint, specs: list[ParamSpec], dtype: str | None, block_bytes: int
+def plan(ckpt: HFCheckpoint, specs: list[ParamSpec], dtype: str | None, block_bytes: int,
+         quantize: str | None = None
          ) -> tuple[dict[str, ArrayPlan], list[Block]]:
     """Output arrays (shape, dtype, chunks) and the blocks that fill them, in source-file order.
 
@@ -113,22 +120,32 @@ def plan(ckpt: HFCheckpoint, specs: list[ParamSpec], dtype: str | None, block_by
     blocks: list[Block] = []
     for i, spec in enumerate(specs):
         key = array_key(spec.path)
-        out_dtype = NUMPY_DTYPES["float32" if spec.fp32 else dtype or stored_dtype(ckpt, spec)]
+        quantized = quantize is not None and is_expert_weight_path(spec.path)
+        if quantized:
+            out_dtype = np.dtype(np.int8)
+        else:
+            out_dtype = NUMPY_DTYPES["float32" if spec.fp32 else dtype or stored_dtype(ckpt, spec)]
         shape = spec.shape
-        if spec.stacked:
+        if spec.stacked or quantized:
             axis = 0
         else:
             axis = _block_axis(spec.view([ckpt.get(n) for n in spec.sources]))  # maps only, touches nothing
-        row_bytes = int(np.prod(shape, dtype=np.int64)) // shape[axis] * out_dtype.itemsize
-        rows = min(shape[axis], max(1, block_bytes // max(row_bytes, 1)))
+        row_elems = int(np.prod(shape, dtype=np.int64)) // shape[axis]
+        row_bytes = row_elems * out_dtype.itemsize
+        work_bytes = row_elems * 4 if quantized else row_bytes  # a quantized block is held in fp32 once
+        rows = min(shape[axis], max(1, block_bytes // max(work_bytes, 1)))
         chunks = tuple(rows if d == axis else s for d, s in enumerate(shape))
         arrays[key] = ArrayPlan(shape, out_dtype, chunks)
+        scale_key = None
+        if quantized:
+            scale_key = array_key(scale_path(spec.path))
+            arrays[scale_key] = ArrayPlan((shape[0], shape[2]), np.dtype(np.float32), (rows, shape[2]))
         for b in range(-(-shape[axis] // rows)):
             lo, hi = b * rows, min((b + 1) * rows, shape[axis])
             index = tuple(slice(lo, hi) if d == axis else slice(None) for d in range(len(shape)))
             first = spec.sources[lo] if spec.stacked else spec.sources[0]
             order = (ckpt.weight_map[first], ckpt.info(first).begin, b)
-            blocks.append(Block(i, key, b, index, (hi - lo) * row_bytes, order))
+            blocks.append(Block(i, key, b, index, (hi - lo) * row_bytes, order, scale_key))
     blocks.sort(key=lambda blk: blk.order)
     return arrays, blocks
 
@@ -152,6 +169,14 @@ def read_block(ckpt: HFCheckpoint, spec: ParamSpec, block: Block, dtype: np.dtyp
             region = stage_in_memory(region, maps[0])
     data = region if (region.flags.owndata and region.flags.c_contiguous) else contiguous_copy(region)
     return data if data.dtype == dtype else data.astype(dtype)
+
+
+def block_writes(ckpt: HFCheckpoint, spec: ParamSpec, block: Block, arrays: dict[str, ArrayPlan]) -> list[tuple]:
+    """`(key, index, array)` writes of one block: its region, or its int8 experts and their scales."""
+    if block.scale_key is None:
+        return [(block.key, block.index, read_block(ckpt, spec, block, arrays[block.key].dtype))]
+    q, s = quantize_int8(read_block(ckpt, spec, block, np.dtype(np.float32)))
+    return [(block.key, block.index, q), (block.scale_key, (block.index[0], slice(None)), s)]
 
 
 def stage_in_memory(view: np.ndarray, mapped: np.ndarray) -> np.ndarray:
@@ -188,24 +213,31 @@ def source_check(src: Path, dst: Path) -> None:
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                        workers: int = 2, block_bytes: int = BLOCK_BYTES, progress: bool = True,
-                       stream=None) -> Path:
+                       stream=None, quantize: str | None = None) -> Path:
     """Convert the HF checkpoint `src` (either layout) into the m1jax checkpoint `dst`; return `dst`.
 
     Validates everything first (raising `CheckpointError` listing every bad tensor and file) and writes
     nothing until then. `dst` must be absent, empty, an interrupted conversion of the same source with the same
     arguments (resumed), or a finished one of them (left as is). Router gates are stored fp32, the rest `dtype`
     (None: each tensor in the dtype it is stored in, so the conversion is lossless).
+    With `quantize="int8-experts"` the routed experts' weights are int8 with fp32 scales (recorded in the marker,
+    so `from_pretrained` loads them as such).
     """
     src, dst = Path(src), Path(dst)
     stream = sys.stderr if stream is None else stream
     dtype = None if dtype is None else canonical_dtype(dtype)
     if workers < 1:
         raise ConvertError(f"--workers must be at least 1, got {workers}")
+    if quantize not in QUANTIZE_MODES:
+        raise ConvertError(f"--quantize must be one of {[m for m in QUANTIZE_MODES if m]} (or absent), "
+                           f"got {quantize!r}")
     source_check(src, dst)
     ckpt = HFCheckpoint(src)
     specs = ckpt.validate()
     arguments = {"dtype": dtype or "stored", "block_bytes": int(block_bytes), "layout": ckpt.layout, "format": FORMAT,
                  "format_version": FORMAT_VERSION}
+    if quantize is not None:
+        arguments["quantize"] = quantize
     source = ckpt.fingerprint()
     state = directory_state(dst)
     journal_path = dst / JOURNAL
@@ -218,7 +250,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
         raise ConvertError(f"destination {dst} has {PARAMS}/ but no conversion journal; it cannot be resumed "
                            f"safely: delete it and convert again")
 
-    arrays, blocks = plan(ckpt, specs, dtype, block_bytes)
+    arrays, blocks = plan(ckpt, specs, dtype, block_bytes, quantize)
     if state == INCOMPLETE:
         journal = Journal.resume(journal_path, arguments, source, what=f"destination {dst}")
     else:
@@ -241,6 +273,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
         tokenizer = copy_tokenizer_files(src, dst)
         write_json_atomic(dst / MARKER, {
             "format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype or ckpt.main_dtype(), "params_dir": PARAMS,
+            **({"quantize": quantize} if quantize is not None else {}),
             "arguments": arguments, "source": source, "tokenizer_files": tokenizer,
             "total_bytes": total,
             "parameters": {k: {"shape": list(a.shape), "dtype": DTYPE_NAMES[a.dtype]} for k, a in arrays.items()},
@@ -272,7 +305,7 @@ def _write_blocks(ckpt, specs, arrays, blocks, journal, store, bar, workers, bat
     lock = threading.Lock()
 
     def run(batch: list[Block]) -> None:
-        writes = [(b.key, b.index, read_block(ckpt, specs[b.spec], b, arrays[b.key].dtype)) for b in batch]
+        writes = [w for b in batch for w in block_writes(ckpt, specs[b.spec], b, arrays)]
         store.write_batch(writes)  # returns once the commit is on disk (tensorstore fsyncs data and manifest)
         del writes
         with lock:

@@ -3,8 +3,12 @@
     DST/config.json               the source config.json, byte for byte
     DST/tokenizer.json, ...       the source's tokenizer / generation files
     DST/params/                   an orbax checkpoint of the NNX parameter state (see `orbax_store`)
-    DST/m1jax_checkpoint.json     the commit marker, written last: format, dtype, parameters, source fingerprint
+    DST/m1jax_checkpoint.json     the commit marker, written last: format, dtype, quantize (if any), parameters,
+                                  source fingerprint
     DST/.m1jax-convert-journal.jsonl   only while a conversion is unfinished (removed after the marker is written)
+
+With `quantize: "int8-experts"` in the marker, each expert weight `layers.N.block_sparse_moe.w1` is stored int8
+beside its fp32 scales `...w1_scale` (`m1jax.quantize`).
 
 A directory without the marker is never read as a checkpoint: if it carries a journal or `params/`, it is an
 interrupted conversion and every reader refuses it with `IncompleteCheckpointError`.
@@ -20,7 +24,8 @@ from convert.errors import IncompleteCheckpointError
 from convert.hf_checkpoint import CheckpointError
 from convert.hf_layout import ORIGINAL, param_specs
 from convert.orbax_store import ArrayView, OrbaxArrayStore, array_key
-from m1jax.config import ModelConfig
+from m1jax.config import QUANTIZE_MODES, ModelConfig
+from m1jax.quantize import is_expert_weight_path, scale_path
 
 MARKER = "m1jax_checkpoint.json"
 PARAMS = "params"
@@ -53,7 +58,8 @@ def incomplete_message(path: Path) -> str:
 
 
 class M1jaxCheckpoint:
-    """A complete converted checkpoint: `config`, `dtype` (storage dtype), `marker`, and lazy parameter views."""
+    """A complete converted checkpoint: `config`, `dtype` (storage dtype), `quantize` (None or "int8-experts"),
+    `marker`, and lazy parameter views."""
 
     def __init__(self, path: str | os.PathLike, **runtime):
         self.path = Path(path)
@@ -72,6 +78,10 @@ class M1jaxCheckpoint:
                                   f"version {FORMAT_VERSION})")
         self.config = ModelConfig.from_json_file(self.path / "config.json", **runtime)
         self.dtype = self.marker["dtype"]
+        self.quantize = self.marker.get("quantize")
+        if self.quantize not in QUANTIZE_MODES:
+            raise CheckpointError(f"{self.path / MARKER}: unknown quantize {self.quantize!r} (this m1jax reads "
+                                  f"{QUANTIZE_MODES})")
         self.store = OrbaxArrayStore(self.path / PARAMS)
 
     @property
@@ -79,20 +89,23 @@ class M1jaxCheckpoint:
         return self.path / PARAMS
 
     def views(self, config: ModelConfig | None = None) -> dict[tuple, ArrayView]:
-        """`{NNX param path: lazy view}` for every parameter of `config`; raises `CheckpointError` listing every
-        missing or mis-shaped parameter at once."""
+        """`{NNX param path: lazy view}` for every parameter of `config` as stored (an int8 checkpoint: int8 expert
+        weights and their scales); raises `CheckpointError` listing every missing or mis-shaped parameter."""
         config = config or self.config
         stored = self.marker.get("parameters", {})
         problems, views = [], {}
-        for spec in param_specs(config, ORIGINAL):
-            key = array_key(spec.path)
+        expected = [(spec.path, spec.shape) for spec in param_specs(config, ORIGINAL)]
+        if self.quantize is not None:
+            expected += [(scale_path(p), (shape[0], shape[2])) for p, shape in expected if is_expert_weight_path(p)]
+        for path, shape in expected:
+            key = array_key(path)
             if key not in stored:
-                problems.append(f"missing parameter {key!r} (expected shape {list(spec.shape)})")
-            elif tuple(stored[key]["shape"]) != spec.shape:
+                problems.append(f"missing parameter {key!r} (expected shape {list(shape)})")
+            elif tuple(stored[key]["shape"]) != shape:
                 problems.append(f"parameter {key!r} has shape {stored[key]['shape']}, config implies "
-                                f"{list(spec.shape)}")
+                                f"{list(shape)}")
             else:
-                views[spec.path] = ArrayView(self.store, key)
+                views[path] = ArrayView(self.store, key)
         if problems:
             raise CheckpointError(f"m1jax checkpoint {self.path} does not match its config ({len(problems)} "
                                   f"problem{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems[:50]))

@@ -29,6 +29,7 @@ from convert.m1jax_checkpoint import M1jaxCheckpoint
 from convert.progress import progress_bar
 from convert.safetensors_io import SafetensorsWriter
 from m1jax.config import ModelConfig
+from m1jax.quantize import dequantize_views
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -54,6 +55,7 @@ class _JaxArrayView:
     def __init__(self, array):
         self.array = array
         self.dtype = array.dtype
+        self.shape = tuple(array.shape)
 
     def __getitem__(self, index) -> np.ndarray:
         return np.asarray(self.array[index])
@@ -129,9 +131,10 @@ def export_weights(config: ModelConfig, view_of: Callable[[ParamSpec], object], 
 
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
                       shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True, stream=None) -> Path:
-    """Export the converted m1jax checkpoint `src` (refused if incomplete) as an HF checkpoint in `dst`."""
+    """Export the converted m1jax checkpoint `src` (refused if incomplete) as an HF checkpoint in `dst`
+    (int8 experts are dequantized, q·s, to `dtype`, by default the checkpoint's storage dtype)."""
     ckpt = M1jaxCheckpoint(src)
-    views = ckpt.views()
+    views = dequantize_views(ckpt.views(), NUMPY_DTYPES[canonical_dtype(ckpt.dtype)])
     return export_weights(ckpt.config, lambda spec: views[spec.path], dst, dtype=dtype, shard_size=shard_size,
                           tokenizer_dir=ckpt.path, progress=progress, stream=stream)
 
@@ -141,16 +144,19 @@ def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,
                  progress: bool = False, stream=None) -> Path:
     """Export an in-memory `MiniMaxM1` (sharded or not) as an HF checkpoint in `out_dir`.
 
-    Each HF tensor is fetched from the device arrays on its own (an expert stack one expert at a time).
+    Each HF tensor is fetched from the device arrays on its own (an expert stack one expert at a time); int8
+    experts are dequantized (q·s) to `dtype`, by default the model's `param_dtype`.
     """
     from flax import nnx
 
-    flat = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = dequantize_views({path: _JaxArrayView(var.get_value())
+                             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))},
+                            NUMPY_DTYPES[canonical_dtype(model.config.param_dtype)])
 
     def view_of(spec: ParamSpec):
         if spec.path not in flat:
             raise ConvertError(f"the model has no parameter {'.'.join(map(str, spec.path))}")
-        return _JaxArrayView(flat[spec.path].get_value())
+        return flat[spec.path]
 
     return export_weights(model.config, view_of, out_dir, dtype=dtype, shard_size=shard_size,
                           tokenizer_dir=tokenizer_dir, progress=progress, stream=stream)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from m1jax.config import QUANTIZE_MODES
 from m1jax.errors import UserError, user_errors
 
 
@@ -40,13 +41,13 @@ def _load_model_and_tokenizer(args):
     from m1jax.tokenizer import Tokenizer
 
     if args.model is None:
-        model = demo_model(args.preset, seed=args.model_seed, dtype=args.dtype or "float32")
+        model = demo_model(args.preset, seed=args.model_seed, dtype=args.dtype or "float32", quantize=args.quantize)
         tokenizer = demo_tokenizer(model.config.vocab_size) if args.tokenizer is None else \
             Tokenizer.from_pretrained(args.tokenizer)
         return model, tokenizer
     from m1jax.loading import from_pretrained
 
-    model = from_pretrained(args.model, dtype=args.dtype)
+    model = from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     try:
         tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     except (FileNotFoundError, ValueError) as e:
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="demo model preset when no --model is given")
     p.add_argument("--model-seed", type=int, default=0, help="demo model weight seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m],
+                   help="int8 routed experts (quantized while loading; a checkpoint converted with --quantize "
+                        "loads int8 without it)")
     p.add_argument("--prompt", default="The lightning attention of MiniMax", help="prompt text (user message with "
                    "--chat)")
     p.add_argument("--chat", action="store_true", help="render --prompt as a user turn with the chat template")

@@ -29,6 +29,8 @@ LAYER_KINDS = (LIGHTNING, SOFTMAX)
 DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "ragged", "tiled", "gather", "switch", "dense")
+INT8_EXPERTS = "int8-experts"
+QUANTIZE_MODES = (None, INT8_EXPERTS)  # m1jax.quantize implements them
 
 RC_DEFAULT_BLOCK_SIZE = 256
 
@@ -115,6 +117,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of weights (router gates always float32)
     lightning_impl: str = "auto"  # "xla" | "pallas" | "auto"
     moe_impl: str = "auto"  # "ragged" | "tiled" | "gather" | "switch" | "dense" | "auto"
+    quantize: str | None = None  # None | "int8-experts" (routed experts' w1/w3/w2 int8 + per-channel scales)
 
     # --- provenance, for a lossless write-back ---
     hf_spelling: Literal["remote_code", "transformers"] = "remote_code"
@@ -196,6 +199,7 @@ class ModelConfig:
         need(self.lightning_impl in LIGHTNING_IMPLS, "lightning_impl",
              f"must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        need(self.quantize in QUANTIZE_MODES, "quantize", f"must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
         need(self.hf_spelling in ("remote_code", "transformers"), "hf_spelling",
              f"must be 'remote_code' or 'transformers', got {self.hf_spelling!r}")
         if self.tie_word_embeddings:
@@ -205,7 +209,7 @@ class ModelConfig:
     # ------------------------------------------------------------ HF read/write
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **runtime) -> ModelConfig:
-        """Parse an HF `config.json` dict (either spelling); `runtime` sets dtype/param_dtype/*_impl."""
+        """Parse an HF `config.json` dict (either spelling); `runtime` sets dtype/param_dtype/*_impl/quantize."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
         spelling = "transformers" if ("layer_types" in d and "attn_type_list" not in d) else "remote_code"
@@ -258,7 +262,7 @@ class ModelConfig:
         for name in ("lightning_norm_eps",):
             if name in runtime:
                 kw[name] = runtime.pop(name)
-        unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl"}
+        unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl", "quantize"}
         if unknown:
             raise TypeError(f"unknown runtime option(s): {sorted(unknown)}")
         try:

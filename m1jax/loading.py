@@ -18,6 +18,7 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1
+from m1jax.quantize import quantize_views
 from m1jax.sharding import named_sharding
 
 
@@ -104,13 +105,17 @@ def build_from_views(config: ModelConfig, views: dict[tuple, object], *, mesh=No
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-                    mesh=None, rules=None, lightning_impl: str = "auto", moe_impl: str = "auto") -> MiniMaxM1:
+                    mesh=None, rules=None, lightning_impl: str = "auto", moe_impl: str = "auto",
+                    quantize: str | None = None) -> MiniMaxM1:
     """Load a MiniMax checkpoint as an `MiniMaxM1`: an HF directory (original or transformers-native layout) or
     an m1jax checkpoint written by `m1jax convert` (recognised by its `m1jax_checkpoint.json` commit marker).
 
     dtype: compute dtype (default: the checkpoint's dominant / stored float dtype); param_dtype: weight storage
     dtype (default: `dtype`). Router gates stay fp32. With `mesh`, every device reads only its own shard of each
     parameter (memory-mapped safetensors views or tensorstore reads of the device's index domain).
+    quantize: "int8-experts" quantizes the routed experts' weights as they are read (`m1jax.quantize`: each
+    device's region from the full input extent of its columns, one expert at a time, so no float copy of an
+    expert stack is ever held); None loads the checkpoint as stored (int8 if `m1jax convert --quantize` made it).
     On any mismatch between the weights and `config.json`, raises `convert.hf_checkpoint.CheckpointError`
     listing every missing, unexpected and mis-shaped tensor; an interrupted conversion raises its subclass
     `convert.errors.IncompleteCheckpointError`.
@@ -122,15 +127,21 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
     if directory_state(path) in (COMPLETE, INCOMPLETE):
         ckpt = M1jaxCheckpoint(path)  # refuses an incomplete one with a clear message
         dtype = dtype or ckpt.dtype
-        config = ckpt.config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
-        return build_from_views(config, ckpt.views(config), mesh=mesh, rules=rules)
+        config = ckpt.config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **runtime,
+                                     quantize=quantize or ckpt.quantize)
+        views = ckpt.views(config)
+        if config.quantize is not None and ckpt.quantize is None:
+            views = quantize_views(views)
+        return build_from_views(config, views, mesh=mesh, rules=rules)
 
     from convert.hf_checkpoint import HFCheckpoint
 
     ckpt = HFCheckpoint(path)
     dtype = dtype or ckpt.main_dtype()
-    config = ckpt.config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
+    config = ckpt.config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **runtime, quantize=quantize)
     ckpt.config = config
     specs = ckpt.validate()
     views = {spec.path: spec.view([ckpt.get(n) for n in spec.sources]) for spec in specs}
+    if quantize is not None:
+        views = quantize_views(views)
     return build_from_views(config, views, mesh=mesh, rules=rules)

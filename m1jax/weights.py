@@ -27,3 +27,17 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
     else:
         raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def quantized_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, std: float = 0.02
+                    ) -> tuple[nnx.Param, nnx.Param]:
+    """An int8 weight `[..., K, N]` and its fp32 per-output-channel scales `[..., N]` (axes without K's), as
+    `m1jax.quantize.quantize_int8` makes them from an N(0, std²) init."""
+    from m1jax.quantize import quantize_int8
+
+    shape = tuple(int(s) for s in shape)
+    if len(axes) != len(shape) or len(shape) < 2:
+        raise ValueError(f"axes {tuple(axes)} do not match shape {shape} (a quantized weight is at least 2-d)")
+    q, s = quantize_int8(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    return (nnx.Param(q, logical_axes=tuple(axes)),
+            nnx.Param(s, logical_axes=(*tuple(axes)[:-2], tuple(axes)[-1])))

@@ -93,6 +93,10 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
             model = from_pretrained(path, dtype=spec.dtype, param_dtype="float32", mesh=mesh,
                                     lightning_impl=spec.lightning_impl, moe_impl=spec.moe_impl)
             config = model.config
+            if config.quantize is not None:
+                raise RunConfigError(f"run config field 'model.checkpoint': {path} holds {config.quantize} weights "
+                                     f"(written by `m1jax convert --quantize`); training needs float expert "
+                                     f"weights: convert the HF checkpoint without --quantize")
             graphdef, params = nnx.split(model)
     else:
         config = _resolve_config(spec)

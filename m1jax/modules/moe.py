@@ -13,6 +13,10 @@ Expert computation (all exact and dropless; `moe_impl` picks one, "auto" by back
 * "ragged" — assignments sorted by expert + `jax.lax.ragged_dot` (GPU/TPU grouped GEMM kernels);
 * "tiled"  — assignments sorted by expert, processed in row tiles, each tile one expert's GEMM (CPU, where
              `ragged_dot` lowers densely): FLOPs ≈ the true FLOPs plus at most one partial tile per expert.
+
+With `config.quantize == "int8-experts"` the expert weights are int8 with per-output-channel scales
+(`m1jax.quantize`); every implementation takes `scales=(s1, s3, s2)`, multiplies the int8 weights (cast to the
+compute dtype where they are read) and rescales each product's output channels: (x·q)·s = x·(q·s).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.modules.unfused import dot_boundary, linear
-from m1jax.weights import DTYPE, param
+from m1jax.quantize import operand, scale_name, scaled
+from m1jax.weights import DTYPE, param, quantized_param
 
 TILE_ROWS = 128
 EXPERT_WEIGHTS = ("w1", "w3", "w2")  # in the argument order of the expert implementations
+EXPERT_SCALES = tuple(scale_name(w) for w in EXPERT_WEIGHTS)  # their scales when int8 (`scales=`)
 
 
 def route(x_TxD: jax.Array, gate_DxE: jax.Array, k: int):
@@ -38,14 +44,23 @@ def route(x_TxD: jax.Array, gate_DxE: jax.Array, k: int):
     return probs, top_w / jnp.sum(top_w, axis=-1, keepdims=True), top_e.astype(jnp.int32)
 
 
-def _swiglu(x, w1, w3, w2):
-    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+def _scales(scales):
+    return (None, None, None) if scales is None else scales
 
 
-def experts_dense(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+def _swiglu(x, w1, w3, w2, s1=None, s3=None, s2=None):
+    dt = x.dtype
+    h = jax.nn.silu(scaled(x @ operand(w1, dt), s1)) * scaled(x @ operand(w3, dt), s3)
+    return scaled(h @ operand(w2, dt), s2)
+
+
+def experts_dense(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
     """Σ_e c[t, e]·FFN_e(x_t) over all experts, c = routing weights scattered to [T, E] (zeros elsewhere)."""
-    h = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, w1_ExDxF)) * jnp.einsum("td,edf->tef", x_TxD, w3_ExDxF)
-    out_TxExD = jnp.einsum("tef,efd->ted", h, w2_ExFxD)
+    s1, s3, s2 = _scales(scales)
+    dt = x_TxD.dtype
+    h = (jax.nn.silu(scaled(jnp.einsum("td,edf->tef", x_TxD, operand(w1_ExDxF, dt)), s1))
+         * scaled(jnp.einsum("td,edf->tef", x_TxD, operand(w3_ExDxF, dt)), s3))
+    out_TxExD = scaled(jnp.einsum("tef,efd->ted", h, operand(w2_ExFxD, dt)), s2)
     combine_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, w1_ExDxF.shape[0], dtype=weights_TxK.dtype)
                           * weights_TxK[..., None], axis=1)
     return jnp.einsum("te,ted->td", combine_TxE.astype(jnp.float32), out_TxExD.astype(jnp.float32))
@@ -55,16 +70,18 @@ def _combine(out_TxKxD, weights_TxK):
     return jnp.sum(out_TxKxD.astype(jnp.float32) * weights_TxK[..., None].astype(jnp.float32), axis=1)
 
 
-def experts_gather(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+def experts_gather(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
     """Per (token, choice): FFN with the gathered weights W[e_tk] (reads only the chosen experts)."""
-    w1, w3, w2 = w1_ExDxF[experts_TxK], w3_ExDxF[experts_TxK], w2_ExFxD[experts_TxK]
+    dt = x_TxD.dtype
+    s1, s3, s2 = (None if s is None else s[experts_TxK] for s in _scales(scales))
+    w1, w3, w2 = (operand(w[experts_TxK], dt) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
     x_TxD, w1, w3, w2 = dot_boundary((x_TxD, w1, w3, w2))
     a, b = dot_boundary((jnp.einsum("td,tkdf->tkf", x_TxD, w1), jnp.einsum("td,tkdf->tkf", x_TxD, w3)))
-    h = dot_boundary(jax.nn.silu(a) * b)
-    return _combine(dot_boundary(jnp.einsum("tkf,tkfd->tkd", h, w2)), weights_TxK)
+    h = dot_boundary(jax.nn.silu(scaled(a, s1)) * scaled(b, s3))
+    return _combine(scaled(dot_boundary(jnp.einsum("tkf,tkfd->tkd", h, w2)), s2), weights_TxK)
 
 
-def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
     """Per (token, choice): y_tk = FFN_{e_tk}(x_t) by `lax.switch(e_tk, [FFN_0, …, FFN_{E−1}])`.
 
     The weights are stacked arrays `[E, …]` or tuples of E arrays (`unstack_experts`); branch e reads W[e].
@@ -73,12 +90,15 @@ def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     (`lax.map`), so the program holds k switches whatever T is.
     """
     k = experts_TxK.shape[1]
+    dt = x_TxD.dtype
+    s1, s3, s2 = _scales(scales)
 
     def branch(e):
         def ffn(x_D):
             x_1xD = x_D[None]
-            a, b = linear(x_1xD, w1_ExDxF[e]), linear(x_1xD, w3_ExDxF[e])
-            return linear(jax.nn.silu(a) * b, w2_ExFxD[e])[0]
+            a = scaled(linear(x_1xD, operand(w1_ExDxF[e], dt)), None if s1 is None else s1[e])
+            b = scaled(linear(x_1xD, operand(w3_ExDxF[e], dt)), None if s3 is None else s3[e])
+            return scaled(linear(jax.nn.silu(a) * b, operand(w2_ExFxD[e], dt)), None if s2 is None else s2[e])[0]
         return ffn
 
     branches = [branch(e) for e in range(len(w1_ExDxF))]
@@ -97,18 +117,25 @@ def _sort_assignments(experts_TxK, num_experts):
     return order_A, group_sizes_E
 
 
-def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK):
+def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
     """Sort the T·k assignments by expert and run grouped GEMMs with `jax.lax.ragged_dot`."""
     t, k = experts_TxK.shape
+    dt = x_TxD.dtype
     order_A, sizes_E = _sort_assignments(experts_TxK, w1_ExDxF.shape[0])
+    s1, s3, s2 = (None if s is None else s[experts_TxK.reshape(-1)[order_A]] for s in _scales(scales))
     xs_AxD = x_TxD[order_A // k]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs_AxD, w1_ExDxF, sizes_E)) * jax.lax.ragged_dot(xs_AxD, w3_ExDxF, sizes_E)
-    out_sorted = jax.lax.ragged_dot(h, w2_ExFxD, sizes_E)
+
+    def gemm(lhs, w, s):
+        return scaled(jax.lax.ragged_dot(lhs, operand(w, dt), sizes_E), s)
+
+    h = jax.nn.silu(gemm(xs_AxD, w1_ExDxF, s1)) * gemm(xs_AxD, w3_ExDxF, s3)
+    out_sorted = gemm(h, w2_ExFxD, s2)
     out_AxD = jnp.zeros_like(out_sorted).at[order_A].set(out_sorted)
     return _combine(out_AxD.reshape(t, k, -1), weights_TxK)
 
 
-def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, tile_rows: int = TILE_ROWS):
+def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None,
+                  tile_rows: int = TILE_ROWS):
     """Sorted assignments in tiles of G rows; tile τ multiplies rows [r_τ, r_τ+G) by its expert's weights.
 
     Tiles are visited in expert order, so rows a tile computes past its expert's group are recomputed
@@ -130,9 +157,12 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
     row_T = starts_E[expert_T] + g * (tau - (tiles_end_E[expert_T] - tiles_E[expert_T]))
     row_T = jnp.where(active_T, row_T, a)
 
+    s1, s3, s2 = _scales(scales)
+
     @jax.checkpoint
     def tile(x_GxD, ex):
-        return _swiglu(x_GxD, w1_ExDxF[ex], w3_ExDxF[ex], w2_ExFxD[ex])
+        return _swiglu(x_GxD, w1_ExDxF[ex], w3_ExDxF[ex], w2_ExFxD[ex],
+                       *(None if s is None else s[ex] for s in (s1, s3, s2)))
 
     def body(out, xs_tile):
         ex, row, active = xs_tile
@@ -164,24 +194,36 @@ def choose_impl(impl: str, num_assignments: int, num_experts: int) -> str:
 
 
 def _compute_weight(v, dt, *, keep_tuple: bool):
-    """An expert weight in the compute dtype; one held unstacked (a tuple, `unstack_experts`) stays a tuple
+    """An expert weight in the compute dtype `dt` (None: as stored — int8 weights and their scales, which the
+    implementations cast where they read them); one held unstacked (a tuple, `unstack_experts`) stays a tuple
     for `experts_switch` and is stacked again for the other implementations."""
+    def cast(x):
+        return x if dt is None else x.astype(dt)
+
     if isinstance(v, tuple):
-        return tuple(x.astype(dt) for x in v) if keep_tuple else jnp.stack(v).astype(dt)
-    return v.astype(dt)
+        return tuple(cast(x) for x in v) if keep_tuple else cast(jnp.stack(v))
+    return cast(v)
 
 
 class MoE(nnx.Module):
-    """Sparse MoE block: router `gate` [D, E] (fp32), experts `w1`/`w3` [E, D, F] (gate/up), `w2` [E, F, D]."""
+    """Sparse MoE block: router `gate` [D, E] (fp32), experts `w1`/`w3` [E, D, F] (gate/up), `w2` [E, F, D];
+    int8 experts (`config.quantize`) add their per-output-channel scales `w1_scale`/`w3_scale` [E, F] and
+    `w2_scale` [E, D] (fp32)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, e, f = config.hidden_size, config.num_local_experts, config.intermediate_size
         pdt, std = config.param_dtype, config.initializer_range
         self.config = config
         self.gate = param(rngs, (d, e), ("embed", "router_experts"), "float32", std=std)
-        self.w1 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pdt, std=std)
-        self.w3 = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pdt, std=std)
-        self.w2 = param(rngs, (e, f, d), ("experts", "mlp", "embed"), pdt, std=std)
+        for name, shape, axes in (("w1", (e, d, f), ("experts", "embed", "mlp")),
+                                  ("w3", (e, d, f), ("experts", "embed", "mlp")),
+                                  ("w2", (e, f, d), ("experts", "mlp", "embed"))):
+            if config.quantize is None:
+                setattr(self, name, param(rngs, shape, axes, pdt, std=std))
+            else:
+                q, scale = quantized_param(rngs, shape, axes, std=std)
+                setattr(self, name, q)
+                setattr(self, scale_name(name), scale)
 
     def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None, impl: str | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -192,8 +234,13 @@ class MoE(nnx.Module):
         x_TxD = x_BxLxD.reshape(b * l, d).astype(dt)
         probs_TxE, weights_TxK, experts_TxK = route(x_TxD, self.gate[...], c.num_experts_per_tok)
         name = choose_impl(impl or c.moe_impl, experts_TxK.size, c.num_local_experts)
-        ws = [_compute_weight(getattr(self, w).get_value(), dt, keep_tuple=name == "switch") for w in EXPERT_WEIGHTS]
-        y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK)
+        keep = name == "switch"
+        quantized = c.quantize is not None
+        ws = [_compute_weight(getattr(self, w).get_value(), None if quantized else dt, keep_tuple=keep)
+              for w in EXPERT_WEIGHTS]
+        scales = tuple(_compute_weight(getattr(self, s).get_value(), None, keep_tuple=keep)
+                       for s in EXPERT_SCALES) if quantized else None
+        y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK, scales=scales)
         stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
         return y_TxD.astype(dt).reshape(b, l, d), stats
 
@@ -210,13 +257,13 @@ def unstack_experts(params: nnx.State) -> nnx.State:
 
 
 def expert_weight_bytes(params: nnx.State) -> int:
-    """Bytes of the MoE expert weights (`w1`, `w3`, `w2` of every layer) in `params`."""
+    """Bytes of the MoE expert weights (`w1`, `w3`, `w2` of every layer, and their scales if int8) in `params`."""
     return sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params) if _is_expert_weight(path))
 
 
 def _is_expert_weight(path) -> bool:
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return len(names) >= 3 and names[-3] == "block_sparse_moe" and names[-2] in EXPERT_WEIGHTS
+    return len(names) >= 3 and names[-3] == "block_sparse_moe" and names[-2] in EXPERT_WEIGHTS + EXPERT_SCALES
 
 
 def routing_stats(probs_TxE, experts_TxK, valid_T=None) -> dict[str, jax.Array]:
