@@ -134,7 +134,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: 
     """Export the converted m1jax checkpoint `src` (refused if incomplete) as an HF checkpoint in `dst`
     (int8 experts are dequantized, q·s, to `dtype`, by default the checkpoint's storage dtype)."""
     ckpt = M1jaxCheckpoint(src)
-    views = dequantize_views(ckpt.views(), NUMPY_DTYPES[canonical_dtype(ckpt.dtype)])
+    views = dequantize_views(ckpt.views(), NUMPY_DTYPES[canonical_dtype(dtype or ckpt.dtype)])
     return export_weights(ckpt.config, lambda spec: views[spec.path], dst, dtype=dtype, shard_size=shard_size,
                           tokenizer_dir=ckpt.path, progress=progress, stream=stream)
 
@@ -151,7 +151,7 @@ def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,
 
     flat = dequantize_views({path: _JaxArrayView(var.get_value())
                              for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))},
-                            NUMPY_DTYPES[canonical_dtype(model.config.param_dtype)])
+                            NUMPY_DTYPES[canonical_dtype(dtype or model.config.param_dtype)])
 
     def view_of(spec: ParamSpec):
         if spec.path not in flat:

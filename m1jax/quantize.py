@@ -52,11 +52,6 @@ def scaled(y_xN: jax.Array, s_xN: jax.Array | None) -> jax.Array:
     return (y_xN.astype(jnp.float32) * s_xN.astype(jnp.float32)).astype(y_xN.dtype)
 
 
-def operand(w, dtype):
-    """An expert weight as a matmul operand in the compute `dtype` (int8 values are exact in bf16/fp16/fp32)."""
-    return w.astype(dtype)
-
-
 def scale_name(weight: str) -> str:
     """The parameter name of a weight's scales: `w1` → `w1_scale`."""
     return weight + SCALE_SUFFIX

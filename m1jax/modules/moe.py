@@ -15,8 +15,10 @@ Expert computation (all exact and dropless; `moe_impl` picks one, "auto" by back
              `ragged_dot` lowers densely): FLOPs ≈ the true FLOPs plus at most one partial tile per expert.
 
 With `config.quantize == "int8-experts"` the expert weights are int8 with per-output-channel scales
-(`m1jax.quantize`); every implementation takes `scales=(s1, s3, s2)`, multiplies the int8 weights (cast to the
-compute dtype where they are read) and rescales each product's output channels: (x·q)·s = x·(q·s).
+(`m1jax.quantize`); every implementation takes `scales=(s1, s3, s2)`, multiplies activations by the int8
+weights as they are (mixed-dtype dots with `preferred_element_type`: the TPU compiler reads int8 in the
+ragged-dot kernel, no bf16 copy of an expert stack) and rescales each product's output channels:
+(x·q)·s = x·(q·s). Only the CPU switch casts the one expert it reads.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flax import nnx
 
 from m1jax.config import ModelConfig
 from m1jax.modules.unfused import dot_boundary, linear
-from m1jax.quantize import operand, scale_name, scaled
+from m1jax.quantize import scale_name, scaled
 from m1jax.weights import DTYPE, param, quantized_param
 
 TILE_ROWS = 128
@@ -50,17 +52,18 @@ def _scales(scales):
 
 def _swiglu(x, w1, w3, w2, s1=None, s3=None, s2=None):
     dt = x.dtype
-    h = jax.nn.silu(scaled(x @ operand(w1, dt), s1)) * scaled(x @ operand(w3, dt), s3)
-    return scaled(h @ operand(w2, dt), s2)
+    h = (jax.nn.silu(scaled(jnp.matmul(x, w1, preferred_element_type=dt), s1))
+         * scaled(jnp.matmul(x, w3, preferred_element_type=dt), s3))
+    return scaled(jnp.matmul(h, w2, preferred_element_type=dt), s2)
 
 
 def experts_dense(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
     """Σ_e c[t, e]·FFN_e(x_t) over all experts, c = routing weights scattered to [T, E] (zeros elsewhere)."""
     s1, s3, s2 = _scales(scales)
     dt = x_TxD.dtype
-    h = (jax.nn.silu(scaled(jnp.einsum("td,edf->tef", x_TxD, operand(w1_ExDxF, dt)), s1))
-         * scaled(jnp.einsum("td,edf->tef", x_TxD, operand(w3_ExDxF, dt)), s3))
-    out_TxExD = scaled(jnp.einsum("tef,efd->ted", h, operand(w2_ExFxD, dt)), s2)
+    h = (jax.nn.silu(scaled(jnp.einsum("td,edf->tef", x_TxD, w1_ExDxF, preferred_element_type=dt), s1))
+         * scaled(jnp.einsum("td,edf->tef", x_TxD, w3_ExDxF, preferred_element_type=dt), s3))
+    out_TxExD = scaled(jnp.einsum("tef,efd->ted", h, w2_ExFxD, preferred_element_type=dt), s2)
     combine_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, w1_ExDxF.shape[0], dtype=weights_TxK.dtype)
                           * weights_TxK[..., None], axis=1)
     return jnp.einsum("te,ted->td", combine_TxE.astype(jnp.float32), out_TxExD.astype(jnp.float32))
@@ -74,11 +77,13 @@ def experts_gather(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     """Per (token, choice): FFN with the gathered weights W[e_tk] (reads only the chosen experts)."""
     dt = x_TxD.dtype
     s1, s3, s2 = (None if s is None else s[experts_TxK] for s in _scales(scales))
-    w1, w3, w2 = (operand(w[experts_TxK], dt) for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
+    w1, w3, w2 = (w[experts_TxK] for w in (w1_ExDxF, w3_ExDxF, w2_ExFxD))
     x_TxD, w1, w3, w2 = dot_boundary((x_TxD, w1, w3, w2))
-    a, b = dot_boundary((jnp.einsum("td,tkdf->tkf", x_TxD, w1), jnp.einsum("td,tkdf->tkf", x_TxD, w3)))
+    a, b = dot_boundary((jnp.einsum("td,tkdf->tkf", x_TxD, w1, preferred_element_type=dt),
+                         jnp.einsum("td,tkdf->tkf", x_TxD, w3, preferred_element_type=dt)))
     h = dot_boundary(jax.nn.silu(scaled(a, s1)) * scaled(b, s3))
-    return _combine(scaled(dot_boundary(jnp.einsum("tkf,tkfd->tkd", h, w2)), s2), weights_TxK)
+    return _combine(scaled(dot_boundary(jnp.einsum("tkf,tkfd->tkd", h, w2, preferred_element_type=dt)), s2),
+                    weights_TxK)
 
 
 def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
@@ -96,9 +101,9 @@ def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     def branch(e):
         def ffn(x_D):
             x_1xD = x_D[None]
-            a = scaled(linear(x_1xD, operand(w1_ExDxF[e], dt)), None if s1 is None else s1[e])
-            b = scaled(linear(x_1xD, operand(w3_ExDxF[e], dt)), None if s3 is None else s3[e])
-            return scaled(linear(jax.nn.silu(a) * b, operand(w2_ExFxD[e], dt)), None if s2 is None else s2[e])[0]
+            a = scaled(linear(x_1xD, w1_ExDxF[e].astype(dt)), None if s1 is None else s1[e])
+            b = scaled(linear(x_1xD, w3_ExDxF[e].astype(dt)), None if s3 is None else s3[e])
+            return scaled(linear(jax.nn.silu(a) * b, w2_ExFxD[e].astype(dt)), None if s2 is None else s2[e])[0]
         return ffn
 
     branches = [branch(e) for e in range(len(w1_ExDxF))]
@@ -126,7 +131,7 @@ def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     xs_AxD = x_TxD[order_A // k]
 
     def gemm(lhs, w, s):
-        return scaled(jax.lax.ragged_dot(lhs, operand(w, dt), sizes_E), s)
+        return scaled(jax.lax.ragged_dot(lhs, w, sizes_E, preferred_element_type=dt), s)
 
     h = jax.nn.silu(gemm(xs_AxD, w1_ExDxF, s1)) * gemm(xs_AxD, w3_ExDxF, s3)
     out_sorted = gemm(h, w2_ExFxD, s2)
