@@ -13,6 +13,7 @@ from m1jax.config import ModelConfig
 from m1jax.generation import Engine
 from m1jax.loading import build_from_views
 from m1jax.model import MiniMaxM1
+from m1jax.modules import softmax_attention as sa
 from m1jax.modules.lightning import LightningAttention
 from m1jax.modules.rope import rope_tables
 from m1jax.modules.softmax_attention import SoftmaxAttention
@@ -71,6 +72,18 @@ def test_lightning_layer(mesh_shape, b):
 @pytest.mark.parametrize(("mesh_shape", "b"), GRID)
 def test_softmax_layer(mesh_shape, b):
     """Causal prefill without a cache, prefill into a cache at slot 16 (earlier slots filled), one decode step."""
+    _check_softmax_layer(mesh_shape, b)
+
+
+def test_softmax_layer_in_query_and_key_blocks(monkeypatch):
+    """The long-context paths: each shard's queries in blocks, keys visited blockwise with an online softmax."""
+    monkeypatch.setattr(sa, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(sa, "DIRECT_MAX_KEYS", 16)
+    monkeypatch.setattr(sa, "KEY_BLOCK", 16)
+    _check_softmax_layer({"fsdp": 2, "tensor": 4}, 1)
+
+
+def _check_softmax_layer(mesh_shape, b):
     layer = SoftmaxAttention(CONFIG, 3, rngs=nnx.Rngs(0))
     ks = jax.random.split(jax.random.PRNGKey(10 + b), 5)
     l, s = 32, 64

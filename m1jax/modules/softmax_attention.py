@@ -27,6 +27,7 @@ NEG = jnp.finfo(jnp.float32).min
 DIRECT_MAX_KEYS = 2048  # at most this many key slots: dense masked softmax (in query chunks when causal)
 QUERY_CHUNK = 256
 KEY_BLOCK = 1024
+QUERY_BLOCK = 2048  # a sequence shard's queries attend in blocks of this many (gathered long K/V)
 
 
 def _visible(kv_valid_BxS, slots_S, q_slot_L):
@@ -135,7 +136,9 @@ def attend_stats(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Arra
         n_blocks = n_blocks_static
     else:
         n_blocks = jnp.minimum((num_slots + kb - 1) // kb, n_blocks_static)
-    return jax.lax.fori_loop(0, n_blocks, body, init)
+    # Block 0 outside the loop: the carry then has the type the blocks give it (also inside shard_map, where the
+    # statistics vary over the mesh axes the keys are split over). With no visible slot its m stays NEG.
+    return jax.lax.fori_loop(1, n_blocks, body, body(0, init))
 
 
 # ----------------------------------------------------------------------------------- sequence sharding
@@ -187,7 +190,7 @@ def _gathered(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cach
         def local(q, k, v, valid):
             first = jax.lax.axis_index(lay.q_seq) * c
             kf, vf, validf = (_gather_seq(x, lay.q_seq) for x in (k, v, valid))
-            return attend(q, kf, vf, q_slot_L=first + jnp.arange(c), kv_valid_BxS=validf, num_slots=first + c)
+            return _attend_in_query_blocks(q, kf, vf, first, validf)
 
         out = jax.shard_map(local, mesh=lay.mesh, in_specs=(kv_spec, kv_spec, kv_spec, lay.row(kv_spec)),
                             out_specs=kv_spec)(q, k, v, valid_BxL)
@@ -201,7 +204,7 @@ def _gathered(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cach
         kcf, vcf, cvalidf = (_gather_seq(x, lay.cache_seq) for x in (kc, vc, cvalid))
         kcf = jax.lax.dynamic_update_slice_in_dim(kcf, kf.astype(kcf.dtype), start, axis=1)
         vcf = jax.lax.dynamic_update_slice_in_dim(vcf, vf.astype(vcf.dtype), start, axis=1)
-        out = attend(q, kcf, vcf, q_slot_L=first + jnp.arange(c), kv_valid_BxS=cvalidf, num_slots=first + c)
+        out = _attend_in_query_blocks(q, kcf, vcf, first, cvalidf)
         if lay.cache_seq:
             sc = kc.shape[1]
             own = jax.lax.axis_index(lay.cache_seq) * sc
@@ -214,6 +217,25 @@ def _gathered(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cach
         in_specs=(kv_spec, kv_spec, kv_spec, c_spec, c_spec, lay.row(c_spec), P()),
         out_specs=(kv_spec, c_spec, c_spec))(q, k, v, *kv_cache, cache_valid_BxS, jnp.asarray(cache_start, jnp.int32))
     return out, (kc, vc)
+
+
+def _attend_in_query_blocks(q_BxCxHxD, k_BxSxKxD, v_BxSxKxD, first, kv_valid_BxS):
+    """`attend` for C queries in slots first..first+C−1, in sequential blocks of `QUERY_BLOCK` queries when C is
+    a multiple of it, each reading only the keys up to its last slot (bounded memory at long context)."""
+    b, c, h, d = q_BxCxHxD.shape
+    if c <= QUERY_BLOCK or c % QUERY_BLOCK:
+        return attend(q_BxCxHxD, k_BxSxKxD, v_BxSxKxD, q_slot_L=first + jnp.arange(c), kv_valid_BxS=kv_valid_BxS,
+                      num_slots=first + c)
+    n = c // QUERY_BLOCK
+
+    def block(j):
+        q = jax.lax.dynamic_slice_in_dim(q_BxCxHxD, j * QUERY_BLOCK, QUERY_BLOCK, axis=1)
+        lo = first + j * QUERY_BLOCK
+        return attend(q, k_BxSxKxD, v_BxSxKxD, q_slot_L=lo + jnp.arange(QUERY_BLOCK), kv_valid_BxS=kv_valid_BxS,
+                      num_slots=lo + QUERY_BLOCK)
+
+    out_NxBxQxHxD = jax.lax.map(block, jnp.arange(n))
+    return jnp.moveaxis(out_NxBxQxHxD, 0, 1).reshape(b, c, h, d)
 
 
 def _partial_softmax(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cache_valid_BxS):
