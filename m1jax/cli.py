@@ -110,6 +110,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Per-chip memory, collectives and a step-time estimate of a model on a named topology (`m1jax.plan`)."""
+    import json
+
+    from m1jax.plan import PlanError, PlanRequest, ensure_tpu_compiler, format_plan, parse_mesh, plan
+    from m1jax.topology import parse_topology
+
+    try:
+        topo = parse_topology(args.topology)
+        req = PlanRequest(model=args.model, topology=args.topology, mode=args.mode, batch=args.batch,
+                          context=args.context, mesh=parse_mesh(args.mesh), quantize=args.quantize,
+                          layers=args.layers, chunk=args.chunk, lightning_impl=args.lightning_impl,
+                          moe_impl=args.moe_impl, compile=not args.no_compile)
+        if req.compile and topo.tpu_topology is not None:
+            ensure_tpu_compiler(sys.argv[1:] if args.argv is None else args.argv)
+        result = plan(req)
+    except (PlanError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m1jax", description="MiniMax-M1 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="per-chip memory, collectives and step-time estimate on a TPU slice (compiled "
+                       "deviceless) or GPU host (arithmetic)")
+    p.add_argument("--model", default="minimax-m1-80k", help="preset name or config.json path")
+    p.add_argument("--topology", required=True, help="v5p-8 … v5p-1024, v5e-1 … v5e-256, v6e-…, 8xh100, 8xh200")
+    p.add_argument("--mode", choices=["decode", "prefill", "train"], default="decode")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=32768, help="cache slots (decode) / tokens (prefill, train)")
+    p.add_argument("--mesh", help="e.g. data=8,tensor=4,expert=2 (default: the best candidate by arithmetic)")
+    p.add_argument("--quantize", choices=["int8-experts"])
+    p.add_argument("--layers", type=int, help="only the first N layers (quick checks)")
+    p.add_argument("--chunk", type=int, help="prefill: tokens per step (default: the whole context)")
+    p.add_argument("--lightning-impl", choices=["auto", "xla", "pallas"], default="auto")
+    p.add_argument("--moe-impl", choices=["auto", "ragged", "tiled", "gather", "switch", "dense"], default="auto")
+    p.add_argument("--no-compile", action="store_true", help="shape arithmetic only (no libtpu needed)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan, argv=None)
     from convert.cli import add_subcommands
     add_subcommands(sub)
     from train.cli import add_subcommands as add_train_subcommands
@@ -154,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is not None:
+        args.argv = list(argv)
     try:
         return args.func(args)
     except user_errors() as e:

@@ -1,0 +1,504 @@
+"""`m1jax plan`: what one step of a model needs on a named topology, compiled deviceless for TPU slices.
+
+For a TPU slice the real model is compiled ahead of time with no TPU attached (`m1jax.topology`): parameters
+and cache are `jax.ShapeDtypeStruct`s carrying their `NamedSharding`, the step is `jax.jit(...).lower(...)
+.compile()`d by libtpu, and the plan reports
+
+* per-chip memory: weights and cache (from the shardings), temporaries and program code (the compiler's
+  `memory_analysis()`), peak vs the chip's HBM: fits or not (the compiler also refuses what does not fit);
+* collective bytes per step by kind, from the compiled HLO (`m1jax.hlo_collectives`), and the bytes of any
+  all-gather of an expert weight;
+* a roofline *estimate* of the step time: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) + collective bytes /
+  interconnect bandwidth, with the compiler's `cost_analysis()` FLOPs and bytes (never below the floor), and
+  the HBM floor: the weights and cache a chip must read per step over its HBM bandwidth.
+
+Steps: `decode` = one iteration of the engine's decode loop (`generation._decode_loop`) with a cache of
+`context` slots; `prefill` = the engine's prefill step (`generation.forward_chunk`) over `context` tokens into
+an empty cache of `context` slots; `train` = loss and gradient of next-token cross-entropy over `context`
+tokens (weights and gradients in the model dtype, no optimizer state).
+
+GPU hosts (and `--no-compile`) get the same report from arithmetic on the shapes alone (marked as estimates).
+Without `--mesh`, candidate meshes are ranked by that arithmetic (fits, then smallest estimated step time)
+and the best one is compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+from m1jax.topology import LIBTPU_HINT, Topology, deviceless_env, libtpu_available, parse_topology
+
+MODES = ("decode", "prefill", "train")
+FIT_FRACTION = 0.95  # a plan fits when its peak is at most this share of HBM (room for the runtime)
+GB = 1e9
+
+
+class PlanError(ValueError):
+    """A bad plan request (unknown mesh axis, mesh that does not match the topology, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    model: str  # preset name or path to a config.json
+    topology: str
+    mode: str
+    batch: int
+    context: int
+    mesh: dict[str, int] | None = None
+    quantize: str | None = None
+    layers: int | None = None  # keep only the first N layers (development)
+    chunk: int | None = None  # prefill: tokens per step (default: the whole context)
+    lightning_impl: str = "auto"
+    moe_impl: str = "auto"
+    compile: bool = True
+
+
+# ------------------------------------------------------------------------------------------- parsing
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """`"data=8,expert=8"` → `{"data": 8, "expert": 8}` (axes of `m1jax.sharding.MESH_AXES`)."""
+    from m1jax.sharding import MESH_AXES
+
+    if text is None or not text.strip():
+        return None
+    mesh = {}
+    for item in text.split(","):
+        name, eq, size = item.strip().partition("=")
+        if not eq or not size.strip().isdigit() or int(size) < 1:
+            raise PlanError(f"--mesh entry {item.strip()!r} is not AXIS=SIZE with a positive integer size")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise PlanError(f"--mesh axis {name!r} is unknown; m1jax meshes have axes {', '.join(MESH_AXES)}")
+        if name in mesh:
+            raise PlanError(f"--mesh names axis {name!r} twice")
+        mesh[name] = int(size)
+    return mesh
+
+
+def model_config(req: PlanRequest):
+    """The request's `ModelConfig` in bf16 (weights and compute), with `--layers`, `--quantize` and the impls."""
+    import dataclasses as dc
+
+    from m1jax.config import ModelConfig
+
+    runtime = {"dtype": "bfloat16", "param_dtype": "bfloat16", "lightning_impl": req.lightning_impl,
+               "moe_impl": req.moe_impl}
+    path = Path(req.model)
+    config = ModelConfig.from_json_file(path, **runtime) if path.suffix == ".json" or path.is_file() else \
+        ModelConfig.from_preset(req.model, **runtime)
+    if req.layers is not None:
+        if not 1 <= req.layers <= config.num_hidden_layers:
+            raise PlanError(f"--layers must be in 1..{config.num_hidden_layers}, got {req.layers}")
+        config = config.replace(num_hidden_layers=req.layers, layer_types=config.layer_types[:req.layers])
+    if req.quantize is not None:
+        if "quantize" not in {f.name for f in dc.fields(ModelConfig)}:
+            raise PlanError(f"--quantize {req.quantize}: this version of m1jax has no quantized experts "
+                            f"(ModelConfig.quantize)")
+        config = config.replace(quantize=req.quantize)
+    return config
+
+
+# ------------------------------------------------------------------------------------ shape arithmetic
+def abstract_mesh(mesh_shape: dict[str, int]):
+    """A device-free mesh of these sizes (axes of `sharding.MESH_AXES`, Auto like `sharding.make_mesh`)."""
+    import jax
+
+    from m1jax.sharding import MESH_AXES
+
+    return jax.sharding.AbstractMesh(tuple(mesh_shape.get(a, 1) for a in MESH_AXES), MESH_AXES,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _shard_bytes(x) -> int:
+    import numpy as np
+
+    return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(config):
+    from m1jax.loading import abstract_model
+
+    return abstract_model(config)[1]
+
+
+def per_chip_bytes(config, mode: str, batch: int, context: int, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """Bytes per chip of `weights` (of which `experts`) and `cache` under the sharding rules."""
+    import jax
+
+    from m1jax.cache import abstract_cache
+    from m1jax.loading import param_shardings
+    from m1jax.modules.moe import EXPERT_WEIGHTS
+
+    mesh = abstract_mesh(mesh_shape)
+    params = _abstract_params(config)
+    shardings = param_shardings(params, mesh)
+    totals = {"weights": 0, "experts": 0, "cache": 0}
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings), strict=True):
+        b = _shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        totals["weights"] += b
+        if "block_sparse_moe" in names and any(n in EXPERT_WEIGHTS for n in names[-2:]):
+            totals["experts"] += b
+    if mode != "train":
+        totals["cache"] = sum(_shard_bytes(x) for x in jax.tree.leaves(abstract_cache(config, batch, context,
+                                                                                       mesh=mesh)))
+    return totals
+
+
+def _batch_shards(config, batch: int, mesh_shape: dict[str, int]) -> int:
+    from m1jax.sharding import logical_to_spec
+
+    spec = logical_to_spec(("batch",), (batch,), abstract_mesh(mesh_shape))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh_shape.get(a, 1) for a in axes)
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Arithmetic on the shapes for one mesh (per chip): memory, FLOPs, HBM bytes, collective bytes."""
+
+    mesh: dict[str, int]
+    weights: int
+    experts: int
+    cache: int
+    grads: int
+    activations: int
+    flops: float
+    hbm_bytes: float
+    floor_bytes: float
+    collective_bytes: float
+
+    def peak(self) -> int:
+        return self.weights + self.grads + self.cache + self.activations
+
+
+def estimate(config, topo: Topology, mode: str, batch: int, context: int, mesh_shape: dict[str, int],
+             chunk: int | None = None) -> Estimate:
+    """Per-chip arithmetic for one step (see module doc); the activation figure is a rough bound."""
+    chips = topo.num_chips
+    mem = per_chip_bytes(config, mode, batch, context, mesh_shape)
+    d, v, k = config.hidden_size, config.vocab_size, config.num_experts_per_tok
+    h, hd, layers = config.num_attention_heads, config.head_dim, config.num_hidden_layers
+    counts = config.param_counts()
+    tokens = batch * (1 if mode == "decode" else (chunk or context) if mode == "prefill" else context)
+    shards = _batch_shards(config, batch, mesh_shape)
+    tensor, expert, fsdp = (mesh_shape.get(a, 1) for a in ("tensor", "expert", "fsdp"))
+    local_tokens = tokens / shards
+    # FLOPs: 2 per active parameter per token, the LM head, softmax attention over the visible keys
+    attn_keys = context if mode == "decode" else (chunk or context) / 2
+    flops = 2 * tokens * (counts["active"] + d * v) + 4 * tokens * attn_keys * h * hd * len(config.softmax_layers)
+    if mode == "train":
+        flops *= 3
+    flops /= chips
+    # HBM: every local weight and the cache are read once per step (decode reads all experts once batch·k
+    # assignments cover them); training reads weights twice and writes gradients
+    floor = mem["weights"] + mem["cache"]
+    hbm = floor * (3 if mode == "train" else 1)
+    # collectives: tensor-parallel all-reduces (attention out, MoE out), the MoE token all-to-all (there and
+    # back), the vocab-sharded logits; fsdp re-gathers weights (forward and backward) and reduce-scatters grads
+    act = local_tokens * d * 2
+    coll = layers * ((2 * act * (tensor - 1) / tensor) if tensor > 1 else 0)
+    coll += layers * (2 * act * k * (expert - 1) / expert if expert > 1 else 0)
+    if tensor > 1 and mode != "prefill":
+        coll += local_tokens * v * 4
+    if fsdp > 1:
+        coll += mem["weights"] * fsdp * (3 if mode == "train" else 1)
+    # activations: the residual stream and the widest intermediate of one layer (train: plus a few saved
+    # tensors of every layer's width D for the backward pass)
+    width = max(3 * h * hd / tensor, 2 * k * config.intermediate_size / tensor, d)
+    activations = int(local_tokens * (d * 2 + width * 4))
+    grads = 0
+    if mode == "train":
+        activations += int(local_tokens * d * 2 * layers * 4)
+        grads = mem["weights"]
+    return Estimate(dict(mesh_shape), mem["weights"], mem["experts"], mem["cache"], grads, activations, flops, hbm,
+                    floor, coll)
+
+
+def step_time(topo: Topology, flops: float, hbm_bytes: float, collective_bytes: float) -> float:
+    """Roofline estimate (s): max(compute, HBM) + collectives over the interconnect."""
+    chip = topo.chip
+    return max(flops / chip.bf16_flops, hbm_bytes / chip.hbm_bw) + collective_bytes / chip.ici_bw
+
+
+def candidate_meshes(config, mode: str, chips: int) -> list[dict[str, int]]:
+    """Meshes of `chips` chips worth ranking: tensor a power of two dividing the KV heads, expert a divisor of
+    the expert count, the rest over data (inference) or fsdp (train)."""
+    rest = "fsdp" if mode == "train" else "data"
+    out = []
+    for t in (1, 2, 4, 8, 16):
+        if config.num_key_value_heads % t or config.num_attention_heads % t or chips % t:
+            continue
+        for e in range(1, config.num_local_experts + 1):
+            if config.num_local_experts % e or chips % (t * e):
+                continue
+            out.append({rest: chips // (t * e), "tensor": t, "expert": e})
+    return out
+
+
+def suggest_mesh(config, topo: Topology, mode: str, batch: int, context: int, chunk: int | None = None
+                 ) -> tuple[dict[str, int], list[tuple[Estimate, float, bool]]]:
+    """The candidate mesh that fits with the smallest estimated step time (the smallest peak if none fits),
+    and every candidate's (estimate, seconds, fits), best first."""
+    ranked = []
+    for m in candidate_meshes(config, mode, topo.num_chips):
+        e = estimate(config, topo, mode, batch, context, m, chunk)
+        fits = e.peak() <= FIT_FRACTION * topo.chip.hbm_bytes
+        ranked.append((e, step_time(topo, e.flops, e.hbm_bytes, e.collective_bytes), fits))
+    if not ranked:
+        raise PlanError(f"no mesh of {topo.num_chips} chips divides this model's heads and experts")
+    ranked.sort(key=lambda r: (not r[2], r[1] if r[2] else r[0].peak(), r[0].mesh.get("tensor", 1)))
+    return {a: s for a, s in ranked[0][0].mesh.items() if s > 1} or {"data": 1}, ranked
+
+
+# --------------------------------------------------------------------------------------- compilation
+@contextlib.contextmanager
+def reporting_backend(platform: str):
+    """`jax.default_backend()` reports `platform` (as on a real host of it), so every backend-chosen path
+    (kernels, MoE implementation) is the one that host would run."""
+    import jax
+
+    with mock.patch.object(jax, "default_backend", lambda: platform):
+        yield
+
+
+def _abstract(shape, dtype, axes, mesh):
+    import jax
+
+    from m1jax.sharding import named_sharding
+
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(axes, shape, mesh))
+
+
+def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | None = None):
+    """The jitted step of `mode` lowered for `mesh` with abstract, sharded arguments (nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from m1jax import generation
+    from m1jax.cache import abstract_cache
+    from m1jax.loading import abstract_sharded_model
+    from m1jax.sampling import SamplingParams
+
+    graphdef, params = abstract_sharded_model(config, mesh)
+    i32 = jnp.int32
+    if mode == "decode":
+        state = generation.EngineState(
+            cache=abstract_cache(config, batch, context, mesh=mesh),
+            positions_B=_abstract((batch,), i32, ("batch",), mesh),
+            next_logits_BxV=_abstract((batch, config.vocab_size), jnp.float32, ("batch", "vocab"), mesh))
+        sp = generation.sampling_arrays([SamplingParams(max_new_tokens=1)] * batch, config.eos_token_ids)
+        sp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sp)
+        scalar = jax.ShapeDtypeStruct((), i32)
+        return generation._decode_loop.lower(graphdef, False, params, state, sp, scalar, scalar)
+    if mode == "prefill":
+        c = chunk or context
+        toks = _abstract((batch, c), i32, ("batch", None), mesh)
+        return generation._forward_chunk.lower(graphdef, params, abstract_cache(config, batch, context, mesh=mesh),
+                                               toks, toks, _abstract((batch, c), jnp.bool_, ("batch", None), mesh))
+    tokens = _abstract((batch, context + 1), i32, ("batch", None), mesh)
+    return jax.jit(partial_train_step(graphdef)).lower(params, tokens)
+
+
+def partial_train_step(graphdef):
+    """(params, tokens `[B, L+1]`) → (mean next-token cross-entropy, gradients w.r.t. params)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def loss(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1]).logits
+        targets = tokens[:, 1:]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.mean(lse - picked)
+
+    return jax.value_and_grad(loss)
+
+
+def _expert_shapes(config) -> list[tuple[int, ...]]:
+    e, d, f = config.num_local_experts, config.hidden_size, config.intermediate_size
+    return [(e, d, f), (e, f, d)]
+
+
+def compile_step(config, topo: Topology, mode: str, batch: int, context: int, mesh_shape: dict[str, int],
+                 chunk: int | None = None) -> dict:
+    """Compile the step deviceless for `topo`; memory, cost and collectives of the compiled program."""
+    import jax
+
+    from m1jax import hlo_collectives
+    from m1jax.sharding import make_mesh
+    from m1jax.topology import topology_devices
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other compiles may hold libtpu's lockfile
+    mesh = make_mesh(mesh_shape, topology_devices(topo))
+    t0 = time.perf_counter()
+    with reporting_backend(topo.chip.platform), jax.set_mesh(mesh):
+        try:
+            compiled = lower_step(config, mode, batch, context, mesh, chunk).compile()
+        except Exception as e:  # the TPU compiler refuses what does not fit HBM (RESOURCE_EXHAUSTED)
+            if "RESOURCE_EXHAUSTED" not in str(e) and "hbm" not in str(e).lower():
+                raise
+            return {"compiled": False, "compile_s": time.perf_counter() - t0, "error": str(e).splitlines()[0][:400]}
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost or {}
+    hlo = compiled.as_text()
+    gathers = hlo_collectives.all_gathers_of(hlo, _expert_shapes(config))
+    return {
+        "compiled": True, "compile_s": compile_s,
+        "argument_bytes": ma.argument_size_in_bytes, "output_bytes": ma.output_size_in_bytes,
+        "alias_bytes": ma.alias_size_in_bytes, "temp_bytes": ma.temp_size_in_bytes,
+        "code_bytes": ma.generated_code_size_in_bytes,
+        "peak_bytes": (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                       + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes),
+        "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "collectives": hlo_collectives.bytes_by_kind(hlo),
+        "expert_weight_gather_bytes": sum(g.bytes for g in gathers),
+    }
+
+
+# ------------------------------------------------------------------------------------------- the plan
+def plan(req: PlanRequest) -> dict:
+    """The plan of `req` as a dict (the `--json` output)."""
+    from m1jax.hlo_collectives import KINDS
+
+    if req.mode not in MODES:
+        raise PlanError(f"--mode must be one of {', '.join(MODES)}, got {req.mode!r}")
+    if req.batch < 1 or req.context < 1:
+        raise PlanError(f"--batch and --context must be positive, got {req.batch} and {req.context}")
+    topo = parse_topology(req.topology)
+    config = model_config(req)
+    suggested, ranked = None, []
+    if req.mesh is None:
+        mesh_shape, ranked = suggest_mesh(config, topo, req.mode, req.batch, req.context, req.chunk)
+        suggested = mesh_shape
+    else:
+        mesh_shape = dict(req.mesh)
+        if math.prod(mesh_shape.values()) != topo.num_chips:
+            raise PlanError(f"--mesh {mesh_shape} has {math.prod(mesh_shape.values())} chips; {topo.name} has "
+                            f"{topo.num_chips}")
+    est = estimate(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk)
+    hbm = topo.chip.hbm_bytes
+    out = {
+        "model": req.model, "topology": topo.name, "chip": topo.chip.name, "chips": topo.num_chips,
+        "mode": req.mode, "batch": req.batch, "context": req.context, "layers": config.num_hidden_layers,
+        "quantize": req.quantize, "mesh": mesh_shape, "suggested_mesh": suggested,
+        "hbm_gb": hbm / GB,
+        "weights_gb_per_chip": est.weights / GB, "expert_weights_gb_per_chip": est.experts / GB,
+        "cache_gb_per_chip": est.cache / GB,
+        "hbm_floor_ms": est.floor_bytes / topo.chip.hbm_bw * 1e3,
+        "compiled": False, "compile_s": None, "estimate": True,
+    }
+    result = None
+    if req.compile and topo.tpu_topology is not None:
+        result = compile_step(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk)
+    if result is not None and result["compiled"]:
+        coll = result["collectives"]
+        flops = result["flops"]
+        hbm_bytes = max(result["bytes_accessed"], est.floor_bytes)
+        out.update({
+            "compiled": True, "compile_s": result["compile_s"],
+            "temp_gb_per_chip": result["temp_bytes"] / GB, "code_gb": result["code_bytes"] / GB,
+            "argument_gb_per_chip": result["argument_bytes"] / GB,
+            "peak_gb_per_chip": result["peak_bytes"] / GB, "fits": result["peak_bytes"] <= hbm,
+            "flops_per_chip": flops, "bytes_accessed_per_chip": result["bytes_accessed"],
+            "collective_bytes_by_kind": coll, "collective_bytes_per_step": sum(coll.values()),
+            "expert_weight_gather_bytes": result["expert_weight_gather_bytes"],
+            "step_ms_estimate": step_time(topo, flops, hbm_bytes, sum(coll.values())) * 1e3,
+        })
+    else:
+        if result is not None:
+            out.update({"compile_s": result["compile_s"], "error": result["error"]})
+        out.update({
+            "peak_gb_per_chip": est.peak() / GB,
+            "fits": est.peak() <= FIT_FRACTION * hbm and not (result is not None and not result["compiled"]),
+            "flops_per_chip": est.flops, "bytes_accessed_per_chip": est.hbm_bytes,
+            "collective_bytes_by_kind": dict.fromkeys(KINDS),
+            "collective_bytes_per_step": est.collective_bytes,
+            "expert_weight_gather_bytes": None,
+            "step_ms_estimate": step_time(topo, est.flops, est.hbm_bytes, est.collective_bytes) * 1e3,
+        })
+    if ranked:
+        out["candidates"] = [{"mesh": e.mesh, "peak_gb_per_chip": e.peak() / GB, "fits": fits,
+                              "step_ms_estimate": s * 1e3} for e, s, fits in ranked[:8]]
+    return out
+
+
+def format_plan(p: dict) -> str:
+    """The plan as a human-readable table."""
+    def gb(x):
+        return "—" if x is None else f"{x:.2f} GB"
+
+    mesh = " × ".join(f"{a} {s}" for a, s in p["mesh"].items())
+    how = "compiled deviceless" if p["compiled"] else "shape arithmetic only (not compiled)"
+    lines = [f"{p['model']} · {p['mode']} · batch {p['batch']} × context {p['context']} · {p['layers']} layers"
+             f"{' · ' + p['quantize'] if p['quantize'] else ''}",
+             f"{p['topology']}: {p['chips']} × {p['chip']} ({p['hbm_gb']:.0f} GB HBM each) · mesh {mesh}"
+             f"{' (suggested)' if p['suggested_mesh'] else ''} · {how}"]
+    if p.get("error"):
+        lines.append(f"compiler: {p['error']}")
+    if p["compile_s"] is not None:
+        lines.append(f"compile time            {p['compile_s']:.1f} s")
+    lines += [f"weights per chip        {gb(p['weights_gb_per_chip'])} (experts {gb(p['expert_weights_gb_per_chip'])})",
+              f"cache per chip          {gb(p['cache_gb_per_chip'])}"]
+    if p["compiled"]:
+        lines += [f"temporaries per chip    {gb(p['temp_gb_per_chip'])}", f"program code            {gb(p['code_gb'])}"]
+    lines.append(f"peak per chip           {gb(p['peak_gb_per_chip'])} of {p['hbm_gb']:.0f} GB: "
+                 f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
+    if p["compiled"]:
+        kinds = ", ".join(f"{k} {v / GB:.3f}" for k, v in p["collective_bytes_by_kind"].items() if v)
+        lines.append(f"collectives per step    {p['collective_bytes_per_step'] / GB:.3f} GB ({kinds or 'none'})")
+        lines.append(f"expert-weight gathers   {p['expert_weight_gather_bytes'] / GB:.3f} GB")
+    else:
+        lines.append(f"collectives per step    ≈ {p['collective_bytes_per_step'] / GB:.3f} GB (arithmetic)")
+    lines += [f"FLOPs per chip          {p['flops_per_chip'] / 1e12:.3f} T; HBM bytes "
+              f"{p['bytes_accessed_per_chip'] / GB:.2f} GB",
+              f"step time (estimate)    {p['step_ms_estimate']:.2f} ms; HBM floor {p['hbm_floor_ms']:.2f} ms "
+              f"(weights + cache per chip / HBM bandwidth)"]
+    for c in p.get("candidates", []):
+        lines.append(f"  candidate {' × '.join(f'{a} {s}' for a, s in c['mesh'].items())}: peak "
+                     f"{c['peak_gb_per_chip']:.1f} GB {'fits' if c['fits'] else 'no fit'}, "
+                     f"≈ {c['step_ms_estimate']:.2f} ms")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ compiler environment
+REEXEC_MARK = "M1JAX_PLAN_REEXEC"
+
+
+def tpu_python() -> str | None:
+    """A Python with libtpu for deviceless compilation: `$M1JAX_TPU_PYTHON`, else `.venv-tpu` of this checkout."""
+    candidates = [os.environ.get("M1JAX_TPU_PYTHON"), Path(__file__).resolve().parents[1] / ".venv-tpu/bin/python"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return str(c)
+    return None
+
+
+def compiler_env_ready() -> bool:
+    return libtpu_available() and os.environ.get("JAX_PLATFORMS") == "cpu" and "TPU_ACCELERATOR_TYPE" in os.environ
+
+
+def ensure_tpu_compiler(argv: list[str]) -> None:
+    """Make this process able to compile for TPU deviceless: re-exec under the deviceless environment (this
+    Python if it has libtpu, else `tpu_python()`), or raise `PlanError` saying how to get libtpu."""
+    if compiler_env_ready():
+        return
+    python = sys.executable if libtpu_available() else tpu_python()
+    if python is None or os.environ.get(REEXEC_MARK):
+        raise PlanError(LIBTPU_HINT + "\n(or pass --no-compile for the shape arithmetic alone)")
+    env = dict(os.environ, **deviceless_env(), **{REEXEC_MARK: "1"})
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    sys.stdout.flush()
+    os.execve(python, [python, "-m", "m1jax", *argv], env)

@@ -1,0 +1,116 @@
+"""`m1jax plan`: mesh parsing, the per-chip arithmetic on the shapes, mesh suggestion, the CLI (no libtpu needed),
+and (marker `tpu`) a deviceless TPU compile of a 2-layer model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from m1jax import plan as planmod
+from m1jax.cache import cache_memory
+from m1jax.cli import build_parser, main
+from m1jax.config import ModelConfig
+from m1jax.plan import PlanError, candidate_meshes, parse_mesh, per_chip_bytes, suggest_mesh
+from m1jax.topology import libtpu_available, parse_topology
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def m1():
+    return ModelConfig.from_preset("minimax-m1-80k", dtype="bfloat16", param_dtype="bfloat16")
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=8, expert=8") == {"data": 8, "expert": 8}
+    assert parse_mesh(None) is None and parse_mesh("") is None
+    for bad, msg in [("data=8,model=2", "axis 'model' is unknown"), ("data", "not AXIS=SIZE"),
+                     ("data=0", "positive"), ("data=2,data=4", "twice")]:
+        with pytest.raises(PlanError, match=msg):
+            parse_mesh(bad)
+
+
+def test_cli_parses_plan_arguments():
+    args = build_parser().parse_args(["plan", "--topology", "v5p-128", "--mode", "prefill", "--batch", "4",
+                                      "--context", "4096", "--mesh", "data=8,tensor=8", "--json"])
+    assert (args.topology, args.mode, args.batch, args.context, args.mesh, args.json, args.model) == \
+        ("v5p-128", "prefill", 4, 4096, "data=8,tensor=8", True, "minimax-m1-80k")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "--topology", "v5p-128", "--mode", "generate"])
+
+
+def test_per_chip_bytes_follow_the_rules(m1):
+    """M1-80k on tensor 8 × expert 8: expert stacks split 64 ways, the rest by tensor only; the cache split by
+    batch (over the batch axes) and heads (tensor); one chip holds everything without a mesh."""
+    layers, e, d, f = 80, 32, 6144, 9216
+    got = per_chip_bytes(m1, "decode", 16, 1024, {"tensor": 8, "expert": 8})
+    assert got["experts"] == layers * 3 * e * d * f * 2 // 64
+    one = per_chip_bytes(m1, "decode", 16, 1024, {})
+    assert one["weights"] == pytest.approx(2 * m1.param_counts()["total"] + 4 * layers * d * e / 2, rel=1e-6)
+    mem = cache_memory(m1)
+    assert one["cache"] == 16 * 1024 * mem["per_token"] + 16 * mem["per_sequence"] + 16 * 1024 + 4
+    assert got["weights"] < one["weights"] / 40  # non-expert weights are replicated over expert
+    assert per_chip_bytes(m1, "train", 16, 1024, {"fsdp": 8})["cache"] == 0
+
+
+def test_suggested_mesh_fits_and_keeps_weights_put(m1):
+    topo = parse_topology("v5p-128")
+    mesh, ranked = suggest_mesh(m1, topo, "decode", 128, 32768)
+    assert "fsdp" not in mesh and mesh.get("tensor", 1) * mesh.get("expert", 1) * mesh.get("data", 1) == 64
+    best, _, fits = ranked[0]
+    assert fits and best.peak() <= topo.chip.hbm_bytes
+    assert all("data" not in c and "fsdp" in c for c in candidate_meshes(m1, "train", 64))
+    # 8 chips cannot hold bf16 M1 (≈ 114 GB of weights per chip): nothing fits, the smallest peak comes first
+    _, ranked8 = suggest_mesh(m1, parse_topology("v5p-16"), "decode", 16, 1024)
+    assert not any(fits for _, _, fits in ranked8)
+    assert ranked8[0][0].peak() == min(e.peak() for e, _, _ in ranked8)
+
+
+def test_gpu_host_plan_is_an_estimate(capsys):
+    assert main(["plan", "--topology", "8xh200", "--model", "tiny", "--mode", "decode", "--batch", "8",
+                 "--context", "512", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    for field in ("compiled", "fits", "hbm_gb", "peak_gb_per_chip", "collective_bytes_per_step",
+                  "expert_weight_gather_bytes", "compile_s"):
+        assert field in p
+    assert p["compiled"] is False and p["estimate"] is True and p["fits"] is True and p["hbm_gb"] == 141
+    assert p["step_ms_estimate"] >= p["hbm_floor_ms"] > 0
+    assert p["chips"] == 8 and p["suggested_mesh"] is not None
+
+
+def test_plan_errors_are_one_line(capsys, monkeypatch):
+    assert main(["plan", "--topology", "v5p-128", "--model", "tiny", "--mesh", "data=3", "--no-compile"]) == 2
+    assert "has 3 chips; v5p-128 has 64" in capsys.readouterr().err
+    assert main(["plan", "--topology", "v7x-9", "--no-compile"]) == 2
+    assert "unknown topology" in capsys.readouterr().err
+    if "quantize" not in ModelConfig.__dataclass_fields__:
+        assert main(["plan", "--topology", "8xh200", "--model", "tiny", "--quantize", "int8-experts"]) == 2
+        assert "no quantized experts" in capsys.readouterr().err
+    # no libtpu anywhere: the message says how to get it
+    monkeypatch.setattr(planmod, "compiler_env_ready", lambda: False)
+    monkeypatch.setattr(planmod, "libtpu_available", lambda: False)
+    monkeypatch.setattr(planmod, "tpu_python", lambda: None)
+    assert main(["plan", "--topology", "v5p-8", "--model", "tiny"]) == 2
+    assert "libtpu==0.0.42.1" in capsys.readouterr().err
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not importable in this environment "
+                    "(pip install -e '.[tpu]' into its own venv and run the tests with it)")
+def test_plan_compiles_deviceless_for_tpu():
+    """The real M1 dimensions, 2 layers, one decode step compiled for v5p-8 (4 chips) by the TPU compiler."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    out = subprocess.run([sys.executable, "-m", "m1jax", "plan", "--topology", "v5p-8", "--layers", "2",
+                          "--mode", "decode", "--batch", "8", "--context", "2048", "--mesh", "tensor=2,expert=2",
+                          "--lightning-impl", "xla", "--json"],
+                         capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    p = json.loads(out.stdout)
+    assert p["compiled"] is True and p["fits"] is True and p["compile_s"] > 0
+    assert 0 < p["peak_gb_per_chip"] < p["hbm_gb"]
+    assert p["code_gb"] > 0 and p["flops_per_chip"] > 0
+    assert p["collective_bytes_per_step"] > 0  # tensor-parallel all-reduces at least
+    assert p["step_ms_estimate"] >= p["hbm_floor_ms"] > 0
