@@ -3,8 +3,11 @@
 Each collective instruction is counted once with the bytes of its result (an all-gather: the gathered array;
 a reduce-scatter: the scattered shard; an all-reduce, all-to-all or collective-permute: its output buffer; a
 ragged all-to-all: its whole output buffer, the worst case it was compiled for). Asynchronous pairs count once,
-at their `-done` half. Instructions are counted statically: one inside a loop body (a scanned layer) counts
-once, not once per iteration.
+at their `-done` half. `Collective.count` is how often an instruction runs per execution of the program: the
+product of the trip counts of the while loops around it, where a loop's condition compares its counter with a
+constant (`lax.scan` / `fori_loop` with static bounds, e.g. scanned layers); a loop with a data-dependent
+condition (the decode loop, a loop over the filled part of a cache) counts once, so figures are per iteration
+of such a loop.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ class Collective:
     name: str
     kind: str
     results: tuple[tuple[str, tuple[int, ...]], ...]
+    count: int = 1  # executions per run of the program (trip counts of enclosing static loops)
 
     @property
     def bytes(self) -> float:
+        """Result bytes of one execution."""
         return sum(_nbytes(dt, dims) for dt, dims in self.results)
+
+    @property
+    def total_bytes(self) -> float:
+        """Result bytes of all `count` executions."""
+        return self.count * self.bytes
 
 
 def _arrays(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -52,22 +62,96 @@ def _nbytes(dtype: str, dims: Sequence[int]) -> float:
     return n * DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4)
 
 
-def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective instruction of the HLO module text (asynchronous ones once, by their `-done`)."""
-    out = []
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_CALLEE = re.compile(r"\b(?P<key>condition|body|calls|to_apply|true_computation|false_computation)"
+                     r"=%?(?P<name>[\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
+_CONSTANT = re.compile(r"^\s*%?(?P<name>[\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((?P<value>-?\d+)\)")
+_ROOT_CALL = re.compile(r"^\s*ROOT\s.*?\s(?P<op>compare|fusion)\((?P<operands>[^)]*)\)")
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
+
+
+def _computations(hlo_text: str) -> list[tuple[str, list[str]]]:
+    """(name, body lines) of every computation, in the order of the text (callees before their callers)."""
+    comps, current = [], None
     for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if m is None or m["phase"] == "-start":
+        m = _COMPUTATION.match(line)
+        if m is not None and not line.startswith(" "):
+            current = (m["name"], [])
+            comps.append(current)
+        elif current is not None and line.strip() != "}":
+            current[1].append(line)
+    return comps
+
+
+def _trip_count(while_line: str, cond_lines: list[str], lines: dict[str, list[str]]) -> int:
+    """Iterations of a while loop: XLA's `known_trip_count` when the text has it (XLA:CPU), else N for a
+    condition `counter < constant(N)`, possibly fused (the TPU compiler's text; counter from 0, step 1, as
+    lax.scan/fori_loop emit); 1 when the bound is not a constant of the condition."""
+    m = _KNOWN_TRIPS.search(while_line)
+    if m is not None:
+        return max(int(m["n"]), 1)
+    consts = {m["name"]: int(m["value"]) for m in map(_CONSTANT.match, cond_lines) if m}
+    for line in cond_lines:
+        m = _ROOT_CALL.match(line)
+        if m is None:
             continue
-        out.append(Collective(m["name"], m["op"], _arrays(m["shape"])))
+        is_lt = "direction=LT" in line
+        if m["op"] == "fusion":
+            callee = _CALLEE.search(line)
+            is_lt = callee is not None and any("compare(" in x and "direction=LT" in x and "ROOT" in x
+                                               for x in lines.get(callee["name"], []))
+        operands = [o.strip().lstrip("%") for o in m["operands"].split(",")]
+        if is_lt and len(operands) == 2 and operands[1] in consts:
+            return max(consts[operands[1]], 1)
+    return 1
+
+
+def _multipliers(hlo_text: str) -> dict[str, int]:
+    """How often each computation runs per execution of the entry computation."""
+    comps = _computations(hlo_text)
+    lines = dict(comps)
+    mult: dict[str, int] = {}
+    if comps:
+        mult[comps[-1][0]] = 1  # ENTRY comes last
+    for name, body in reversed(comps):
+        here = mult.get(name, 0)
+        if here == 0:
+            continue
+        for line in body:
+            callees = [(m["key"], m["name"]) for m in _CALLEE.finditer(line)]
+            trips = 1
+            for key, callee in callees:
+                if key == "condition" and callee in lines:
+                    trips = _trip_count(line, lines[callee], lines)
+            for key, callee in callees:
+                mult[callee] = mult.get(callee, 0) + here * (trips if key in ("body", "condition") else 1)
+            for m in _BRANCHES.finditer(line):
+                for callee in (n.strip().lstrip("%") for n in m["names"].split(",")):
+                    mult[callee] = mult.get(callee, 0) + here
+    return mult
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective instruction of the HLO module text (asynchronous ones once, by their `-done`), with
+    its execution count per run of the program."""
+    mult = _multipliers(hlo_text)
+    out = []
+    for name, body in _computations(hlo_text) or [("", hlo_text.splitlines())]:
+        for line in body:
+            m = _INSTR.match(line)
+            if m is None or m["phase"] == "-start":
+                continue
+            out.append(Collective(m["name"], m["op"], _arrays(m["shape"]), max(mult.get(name, 1), 1)))
     return out
 
 
 def bytes_by_kind(hlo_text: str) -> dict[str, float]:
-    """Result bytes per collective kind (every kind in `KINDS`, 0 when absent)."""
+    """Result bytes per collective kind moved per run of the program (loop trip counts included; every kind
+    in `KINDS`, 0 when absent)."""
     totals = dict.fromkeys(KINDS, 0.0)
     for c in collectives(hlo_text):
-        totals[c.kind] += c.bytes
+        totals[c.kind] += c.total_bytes
     return totals
 
 

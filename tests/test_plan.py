@@ -3,6 +3,7 @@ and (marker `tpu`) a deviceless TPU compile of a 2-layer model."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -114,3 +115,35 @@ def test_plan_compiles_deviceless_for_tpu():
     assert p["code_gb"] > 0 and p["flops_per_chip"] > 0
     assert p["collective_bytes_per_step"] > 0  # tensor-parallel all-reduces at least
     assert p["step_ms_estimate"] >= p["hbm_floor_ms"] > 0
+
+
+def test_collectives_in_a_static_loop_count_per_iteration():
+    """A tensor-parallel matmul inside a 10-step scan: its all-reduce runs 10 times per call; inside a loop with
+    a data-dependent bound it counts once (per iteration of that loop)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from m1jax import hlo_collectives
+    from m1jax.sharding import make_mesh
+
+    mesh = make_mesh({"tensor": 8})
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0]
+
+    def dynamic(w, x, n):
+        return jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h @ w[0]), x)
+
+    w = jax.ShapeDtypeStruct((10, 256, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "tensor", None)))
+    x = jax.ShapeDtypeStruct((16, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
+    for f, args, count in [(scanned, (w, x), 10), (dynamic, (w, x, jax.ShapeDtypeStruct((), jnp.int32)), 1)]:
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+        reduces = [c for c in hlo_collectives.collectives(hlo) if c.kind == "all-reduce"]
+        assert reduces and all(c.count == count for c in reduces), [(c.name, c.count) for c in reduces]
+        assert hlo_collectives.bytes_by_kind(hlo)["all-reduce"] == sum(c.count * c.bytes for c in reduces)
+        # the TPU compiler's text has no known_trip_count: the bound is read from the loop condition
+        bare = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", hlo)
+        assert [c.count for c in hlo_collectives.collectives(bare) if c.kind == "all-reduce"] == \
+            [c.count for c in reduces]
