@@ -45,7 +45,7 @@ def accuracy(args) -> None:
     from m1jax.loading import build_from_views
     from m1jax.model import MiniMaxM1
     from m1jax.modules import moe
-    from m1jax.quantize import dequantize_int8, quantize_int8, quantize_views
+    from m1jax.quantize import quantize_int8, quantize_views
 
     def flat(model):
         return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -89,13 +89,12 @@ def accuracy(args) -> None:
     qs = [quantize_int8(w) for w in bf]
     out["int8"] = moe.experts_dense(x.astype(jnp.bfloat16), *(q for q, _ in qs), wts.astype(jnp.bfloat16), idx,
                                     scales=tuple(s for _, s in qs))
+    del ws, bf
     out["int8 (fp32 compute)"] = moe.experts_dense(x, *(q for q, _ in qs), wts, idx, scales=tuple(s for _, s in qs))
-    out["dequantized fp32"] = moe.experts_dense(x, *(dequantize_int8(q, s) for q, s in qs), wts, idx)
     rows.append([f"MoE block D={d} F={f} E={e} T={t}", f"{_rel(out['int8'], out['bf16']):.2e}",
                  f"{_rel(out['int8 (fp32 compute)'], out['fp32']):.2e}", f"{_rel(out['bf16'], out['fp32']):.2e}"])
     print(f"backend {jax.default_backend()}; relative L2 error of the output (logits / MoE output)")
     _table(rows, ["case", "int8 vs bf16", "int8 vs fp32 (fp32 compute)", "bf16 vs fp32"])
-    print(f"(x·q)·s vs x·(q·s) in fp32, MoE block: {_rel(out['int8 (fp32 compute)'], out['dequantized fp32']):.1e}")
 
 
 # --------------------------------------------------------------------------- memory (abstract shapes)
@@ -133,24 +132,6 @@ def memory(args) -> None:
 
 
 # --------------------------------------------------------------------------- deviceless TPU compile
-def _abstract(tree_state, mesh):
-    """Abstract params with the rules table's shardings."""
-    import jax
-    from flax import nnx
-
-    from m1jax.sharding import named_sharding
-
-    def put(var):
-        v = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=named_sharding(
-            var.get_metadata()["logical_axes"], v.shape, mesh)))
-        return var
-
-    for _, var in nnx.to_flat_state(tree_state):
-        put(var)
-    return tree_state
-
-
 def _stats(compiled, seconds) -> dict:
     m = compiled.memory_analysis()
     return {"args": m.argument_size_in_bytes, "temp": m.temp_size_in_bytes, "out": m.output_size_in_bytes,
@@ -164,12 +145,12 @@ def compile_moe(config, mesh, tokens: int) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from m1jax.loading import _AbstractRngs
+    from m1jax.loading import _AbstractRngs, param_shardings
     from m1jax.modules.moe import MoE
 
-    block = nnx.eval_shape(lambda: MoE(config, rngs=_AbstractRngs()))
-    graphdef, state = nnx.split(block)
-    state = _abstract(state, mesh)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(config, rngs=_AbstractRngs())))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                         param_shardings(state, mesh))
     x = jax.ShapeDtypeStruct((tokens, 1, config.hidden_size), jnp.bfloat16,
                              sharding=NamedSharding(mesh, PartitionSpec()))
 
@@ -182,28 +163,21 @@ def compile_moe(config, mesh, tokens: int) -> dict:
     return _stats(compiled, time.perf_counter() - t0)
 
 
-def compile_layer_decode(config, mesh, batch: int, context: int) -> dict:
-    """Compile a decode step (one token per sequence, cache of `context`) of a one-softmax-layer M1."""
+def compile_decode(config, mesh, batch: int, context: int, layers: int) -> dict:
+    """Compile a decode step (one token per sequence, cache of `context`) of M1's first `layers` layers (1: one
+    softmax layer), parameters and cache laid out by the rules table."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from m1jax.cache import init_cache
-    from m1jax.loading import abstract_model
-    from m1jax.sharding import logical_to_spec
+    from m1jax.cache import abstract_cache
+    from m1jax.loading import abstract_sharded_model
 
-    config = config.replace(num_hidden_layers=1, layer_types=("full_attention",))
-    graphdef, state = abstract_model(config)
-    state = _abstract(state, mesh)
-    cache = jax.eval_shape(lambda: init_cache(config, batch, context))
-    kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), cache.layers[0][0].shape, mesh)
-
-    def shard(x):
-        spec = kv_spec if x.ndim == 4 else PartitionSpec()
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-
-    cache = jax.tree.map(shard, cache)
+    types = ("full_attention",) if layers == 1 else config.layer_types[:layers]
+    config = config.replace(num_hidden_layers=layers, layer_types=types)
+    graphdef, state = abstract_sharded_model(config, mesh)
+    cache = abstract_cache(config, batch, context, mesh=mesh)
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
 
     def step(state, tokens, cache):
@@ -243,8 +217,9 @@ def compile_tpu(args) -> None:
 
             cases = [(f"MoE block, {t} tokens ({impl(t).moe_impl})", lambda t=t: compile_moe(impl(t), mesh, t))
                      for t in args.tokens]
-            cases.append((f"1-layer decode B={args.batch} L={args.context} ({impl(args.batch).moe_impl})",
-                          lambda: compile_layer_decode(impl(args.batch), mesh, args.batch, args.context)))
+            cases += [(f"{n}-layer decode B={args.batch} L={args.context} ({impl(args.batch).moe_impl})",
+                       lambda n=n: compile_decode(impl(args.batch), mesh, args.batch, args.context, n))
+                      for n in args.decode_layers]
             for name, run in cases:
                 try:
                     s = run()
@@ -279,6 +254,8 @@ def main(argv=None) -> None:
     c.add_argument("--tokens", type=int, nargs="+", default=[16, 4096], help="MoE block token counts")
     c.add_argument("--batch", type=int, default=16)
     c.add_argument("--context", type=int, default=131072)
+    c.add_argument("--decode-layers", type=int, nargs="+", default=[1, 8],
+                   help="decode steps of M1's first N layers (1: one softmax layer; 8: one 7+1 period)")
     c.add_argument("--moe-impl", default="tpu", help='"tpu": gather up to E assignments, else ragged')
     c.set_defaults(func=compile_tpu)
     args = p.parse_args(argv)
