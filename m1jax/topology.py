@@ -4,7 +4,9 @@ A TPU slice name counts TensorCores on v5p (`v5p-128` = 64 chips, two cores per 
 (`v5e-64` = 64 chips). `topology_devices(name)` returns the slice's devices from libtpu's topology description
 without any TPU attached, so `jax.jit(f).lower(*abstract_args).compile()` runs the real TPU compiler here;
 the process must have been started with `JAX_PLATFORMS=cpu TPU_ACCELERATOR_TYPE=<any valid type>` (see
-`deviceless_env`), before jax is imported.
+`deviceless_env`), before jax is imported. With the jax CUDA plugin installed (`pip install -e '.[gpu-aot]'`),
+`gpu_devices("h100", n)` does the same for GPUs from a target description (no GPU or driver needed);
+`deviceless_platforms()` says which of the two this environment can compile for.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ LIBTPU_HINT = ("deviceless TPU compilation needs libtpu in a separate environmen
 def deviceless_env(accelerator_type: str = "v5p-8") -> dict[str, str]:
     """Environment variables for a process that compiles for TPU topologies with no TPU attached."""
     return {"JAX_PLATFORMS": "cpu", "TPU_ACCELERATOR_TYPE": accelerator_type, "TPU_WORKER_HOSTNAMES": "localhost",
-            "TPU_SKIP_MDS_QUERY": "1"}
+            "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def topology_devices(topo: Topology | str):
@@ -105,3 +107,51 @@ def topology_devices(topo: Topology | str):
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(topo.tpu_topology, "tpu").devices)
+
+
+def cuda_plugin_available() -> bool:
+    """Whether the jax CUDA plugin (the XLA:GPU compiler, `jax-cuda12-plugin`) is importable."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no `jax_plugins` namespace at all
+        return False
+
+
+CUDA_PLUGIN_HINT = ("deviceless GPU compilation needs the jax CUDA plugin matching jaxlib, e.g.\n"
+                    "  pip install -e '.[gpu-aot]'   (jax-cuda12-plugin==0.10.2; no CUDA libraries or GPU needed)")
+
+
+def deviceless_platforms() -> tuple[str, ...]:
+    """The platforms this environment can compile for without a device: "tpu" (libtpu), "cuda" (CUDA plugin)."""
+    return tuple(p for p, ok in (("tpu", libtpu_available()), ("cuda", cuda_plugin_available())) if ok)
+
+
+def gpu_target_config(chip: str = "h100") -> str:
+    """XLA's GPU target description (text proto) of a Hopper chip in `CHIPS`: sm_90, 132 SMs, its HBM size and
+    bandwidth — what the compiler would otherwise query from an attached device."""
+    c = CHIPS[chip]
+    if c.platform != "gpu":
+        raise ValueError(f"{chip!r} is not a GPU; GPU chips: {[k for k, v in CHIPS.items() if v.platform == 'gpu']}")
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472  threads_per_core_limit: 2048  core_count: 132  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: {int(c.hbm_bw)}  l2_cache_size: 52428800  clock_rate_ghz: 1.98
+  device_memory_size: {int(c.hbm_bytes)}  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{c.name}"
+"""
+
+
+def gpu_devices(chip: str = "h100", count: int = 1):
+    """`count` compile-only GPU devices of one host (jax CUDA plugin; no GPU needed): `jax.jit(f).lower(...)
+    .compile()` over a mesh of them runs XLA:GPU, Triton included. Run with `JAX_PLATFORMS=cpu`."""
+    if not cuda_plugin_available():
+        raise RuntimeError(CUDA_PLUGIN_HINT)
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(f"{count}x{chip}", "cuda", target_config=gpu_target_config(chip),
+                                             topology=f"1x1x{count}").devices)

@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.lightning import api, reference
 from pallas_kernels.lightning.decode import lightning_decode_pallas
 from pallas_kernels.lightning.prefill import lightning_attention_pallas
-from pallas_kernels.lightning.tiling import Tiling, choose_tiling
+from pallas_kernels.lightning.tiling import Tiling, choose_tiling, dot
 
 # Slopes of M1's first/last heads and layers (0.917 … 0.0039, × 0.0127 for the last layer) and ~0.
 SLOPES = (0.917, 0.0039, 1e-6, 0.3, 0.05, 0.6, 0.011, 0.125)
@@ -313,6 +313,17 @@ def test_prefill_then_decode_equals_long_prefill(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
+
+@pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, jax.lax.Precision.DEFAULT),
+                                             (jnp.float32, jax.lax.Precision.HIGHEST)])
+def test_kernel_dot_precision_follows_operands(dtype, precision):
+    """The kernels' dot: bf16 operands at an explicit DEFAULT (Mosaic rejects HIGHEST on bf16, and the suite's
+    global "highest" must not reach it), fp32 at HIGHEST; always fp32 results (tests/test_aot.py compiles them)."""
+    a = jnp.ones((8, 16), dtype)
+    (eqn,) = jax.make_jaxpr(dot)(a, a.T).eqns
+    assert eqn.params["precision"] == (precision, precision)
+    assert eqn.outvars[0].aval.dtype == jnp.float32
+
 
 def test_api_dispatch_and_tiling_rules(monkeypatch):
     assert api.resolve_impl("auto") == "xla"  # CPU has no compiled Pallas lowering

@@ -91,6 +91,16 @@ def test_auto_picks_switch_for_decode_on_cpu_only_when_small():
     assert moe.choose_impl("dense", 2, 8) == "dense"
 
 
+@pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, jax.lax.Precision.DEFAULT),
+                                             (jnp.float32, jax.lax.Precision.HIGHEST)])
+def test_ragged_dot_precision_follows_operands(dtype, precision):
+    """TPU's grouped GEMM rejects HIGHEST on bf16 operands: bf16 gets an explicit DEFAULT (whatever the global
+    default precision), fp32 HIGHEST (tests/test_aot.py compiles the MoE for TPU)."""
+    x, w = jnp.ones((8, 16), dtype), jnp.ones((2, 16, 4), dtype)
+    (eqn,) = jax.make_jaxpr(moe._ragged_dot)(x, w, jnp.array([3, 5], jnp.int32)).eqns
+    assert eqn.params["precision"] == (precision, precision)
+
+
 def test_router_is_softmax_then_topk_then_renormalise():
     gate, *_ = weights()
     x = jax.random.normal(jax.random.PRNGKey(7), (10, 16))

@@ -122,6 +122,16 @@ def _sort_assignments(experts_TxK, num_experts):
     return order_A, group_sizes_E
 
 
+def _ragged_dot(x_AxK, w_ExKxN, sizes_E, preferred_element_type=None):
+    """Grouped GEMM `jax.lax.ragged_dot` at HIGHEST precision for fp32 operands and an explicit DEFAULT otherwise:
+    TPU's grouped-GEMM kernel rejects HIGHEST on bf16 operands (as Mosaic does), and an explicit precision keeps
+    a global `jax_default_matmul_precision` from reaching it."""
+    fp32 = x_AxK.dtype == jnp.float32 and w_ExKxN.dtype == jnp.float32
+    precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
+    return jax.lax.ragged_dot(x_AxK, w_ExKxN, sizes_E, precision=precision,
+                              preferred_element_type=preferred_element_type)
+
+
 def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None):
     """Sort the T·k assignments by expert and run grouped GEMMs with `jax.lax.ragged_dot`."""
     t, k = experts_TxK.shape
@@ -131,7 +141,7 @@ def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
     xs_AxD = x_TxD[order_A // k]
 
     def gemm(lhs, w, s):
-        return scaled(jax.lax.ragged_dot(lhs, w, sizes_E, preferred_element_type=dt), s)
+        return scaled(_ragged_dot(lhs, w, sizes_E, preferred_element_type=dt), s)
 
     h = jax.nn.silu(gemm(xs_AxD, w1_ExDxF, s1)) * gemm(xs_AxD, w3_ExDxF, s3)
     out_sorted = gemm(h, w2_ExFxD, s2)

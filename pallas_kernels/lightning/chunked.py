@@ -37,17 +37,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.lightning.tiling import Tiling, check_chunk_tiling
+from pallas_kernels.lightning.tiling import NT, Tiling, check_chunk_tiling, dot
 
 F32 = jnp.float32
-HIGHEST = lax.Precision.HIGHEST
-_NN = (((1,), (0,)), ((), ()))
-_NT = (((1,), (1,)), ((), ()))
 FP32_MAX_CHUNK_BLOCK_V = 64  # fp32 operands: the output pass's shared-memory footprint doubles
-
-
-def _dot(a, b, dims=_NN):
-    return lax.dot_general(a, b, dims, precision=HIGHEST, preferred_element_type=F32)
 
 
 def _row_decay(c: int, slope_1x1, offset: int):
@@ -75,7 +68,7 @@ def _intra_mask(c: int, slope_1x1):
 def _state_step(state_KxV, k_CxK, v_CxV, tail_Cx1, decay_1x1):
     """S' = λ^m S + (diag(λ^{m−1−j}) K)ᵀ V (fp32 state; K is rounded to the operand dtype after the decay)."""
     k_dec_KxC = (k_CxK.astype(F32) * tail_Cx1).astype(k_CxK.dtype).T
-    return decay_1x1 * state_KxV + _dot(k_dec_KxC, v_CxV)
+    return decay_1x1 * state_KxV + dot(k_dec_KxC, v_CxV)
 
 
 def _state_kernel(slope_ref, k_ref, v_ref, s0_ref, states_ref, final_ref, *, step: int, steps_per_chunk: int,
@@ -126,10 +119,10 @@ def _output_chunk(slope_1x1, masks, q_ref, k_ref, v_ref, s_KxV, o_ref, start, *,
         o_CxV = None
         for w in range(u + 1):
             rows = pl.ds(start + w * c, c)
-            scores_CxC = _dot(q_CxK, k_ref[rows, :], _NT) * masks[u - w]
-            intra_CxV = _dot(scores_CxC.astype(cdt), v_ref[rows, :])
+            scores_CxC = dot(q_CxK, k_ref[rows, :], NT) * masks[u - w]
+            intra_CxV = dot(scores_CxC.astype(cdt), v_ref[rows, :])
             o_CxV = intra_CxV if o_CxV is None else o_CxV + intra_CxV
-        o_CxV = o_CxV + _row_decay(c, slope_1x1, u * c + 1) * _dot(q_CxK, s_KxV)
+        o_CxV = o_CxV + _row_decay(c, slope_1x1, u * c + 1) * dot(q_CxK, s_KxV)
         o_ref[pl.ds(start + u * c, c), :] = o_CxV.astype(o_ref.dtype)
 
 

@@ -47,16 +47,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.lightning import chunked, reference
-from pallas_kernels.lightning.tiling import Tiling, choose_tiling
+from pallas_kernels.lightning.tiling import NT, Tiling, choose_tiling, dot
 
 F32 = jnp.float32
-HIGHEST = lax.Precision.HIGHEST
-_NN = (((1,), (0,)), ((), ()))
-_NT = (((1,), (1,)), ((), ()))
-
-
-def _dot(a, b, dims=_NN):
-    return lax.dot_general(a, b, dims, precision=HIGHEST, preferred_element_type=F32)
 
 
 def _head_decay(c: int, slope_1x1):
@@ -83,9 +76,9 @@ def _intra_mask(c: int, slope_1x1, *, upper: bool):
 def _forward_block(q_CxK, k_CxK, v_CxV, s_KxV, slope_1x1, m_1x1):
     """O = (Q Kᵀ ⊙ M) V + diag(λ^{i+1}) Q S;  S' = λ^m S + (diag(λ^{m−1−j}) K)ᵀ V.  Returns (O fp32, S')."""
     c, cdt = q_CxK.shape[0], q_CxK.dtype
-    scores_CxC = _dot(q_CxK, k_CxK, _NT) * _intra_mask(c, slope_1x1, upper=False)
+    scores_CxC = dot(q_CxK, k_CxK, NT) * _intra_mask(c, slope_1x1, upper=False)
     inter_q_CxK = (q_CxK * _head_decay(c, slope_1x1)).astype(cdt)
-    o_CxV = _dot(scores_CxC.astype(cdt), v_CxV) + _dot(inter_q_CxK, s_KxV.astype(cdt))
+    o_CxV = dot(scores_CxC.astype(cdt), v_CxV) + dot(inter_q_CxK, s_KxV.astype(cdt))
     return o_CxV, _forward_state_block(q_CxK, k_CxK, v_CxV, s_KxV, slope_1x1, m_1x1)[1]
 
 
@@ -95,15 +88,15 @@ def _forward_state_block(q_CxK, k_CxK, v_CxV, s_KxV, slope_1x1, m_1x1):
     c, cdt = k_CxK.shape[0], k_CxK.dtype
     decay_1x1 = jnp.exp(-slope_1x1 * m_1x1.astype(F32))
     tail_k_KxC = (k_CxK * _tail_decay(c, slope_1x1, m_1x1)).astype(cdt).T
-    return None, decay_1x1 * s_KxV + _dot(tail_k_KxC, v_CxV)
+    return None, decay_1x1 * s_KxV + dot(tail_k_KxC, v_CxV)
 
 
 def _reverse_block(q_CxK, k_CxK, do_CxV, g_KxV, slope_1x1, m_1x1):
     """dV = (K Qᵀ ⊙ Mᵀ) dO + diag(λ^{m−1−i}) K G;  G' = λ^m G + (diag(λ^{i+1}) Q)ᵀ dO.  Returns (dV fp32, G')."""
     c, cdt = q_CxK.shape[0], q_CxK.dtype
-    scores_CxC = _dot(k_CxK, q_CxK, _NT) * _intra_mask(c, slope_1x1, upper=True)
+    scores_CxC = dot(k_CxK, q_CxK, NT) * _intra_mask(c, slope_1x1, upper=True)
     tail_k_CxK = (k_CxK * _tail_decay(c, slope_1x1, m_1x1)).astype(cdt)
-    dv_CxV = _dot(scores_CxC.astype(cdt), do_CxV) + _dot(tail_k_CxK, g_KxV.astype(cdt))
+    dv_CxV = dot(scores_CxC.astype(cdt), do_CxV) + dot(tail_k_CxK, g_KxV.astype(cdt))
     return dv_CxV, _reverse_state_block(q_CxK, k_CxK, do_CxV, g_KxV, slope_1x1, m_1x1)[1]
 
 
@@ -113,7 +106,7 @@ def _reverse_state_block(q_CxK, k_CxK, do_CxV, g_KxV, slope_1x1, m_1x1):
     c, cdt = q_CxK.shape[0], q_CxK.dtype
     decay_1x1 = jnp.exp(-slope_1x1 * m_1x1.astype(F32))
     head_q_KxC = (q_CxK * _head_decay(c, slope_1x1)).astype(cdt).T
-    return None, decay_1x1 * g_KxV + _dot(head_q_KxC, do_CxV)
+    return None, decay_1x1 * g_KxV + dot(head_q_KxC, do_CxV)
 
 
 # (block with outputs, state-only block) per direction; the state-only one serves the segment pre-pass.

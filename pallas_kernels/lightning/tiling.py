@@ -28,6 +28,8 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -40,6 +42,20 @@ GPU_STATE_CHUNK = 128     # chunk_parallel: tokens between stored states (a mult
 GPU_TARGET_PROGRAMS = 528  # split the sequence into segments until batch·heads·tiles·segments reaches this
 GPU_MIN_SEGMENT_BLOCKS = 8  # ... but keep at least this many blocks of C tokens per segment
 TPU_LANES = 128
+NN = (((1,), (0,)), ((), ()))  # dot dimension numbers: A B
+NT = (((1,), (1,)), ((), ()))  # A Bᵀ
+
+
+def dot(a, b, dims=NN):
+    """The kernels' one matmul: `lax.dot_general(a, b, dims)` accumulated in fp32.
+
+    fp32 operands multiply at `Precision.HIGHEST` (true fp32 products); anything else (bf16) at an explicit
+    `Precision.DEFAULT` (native bf16 products) — Mosaic rejects HIGHEST on bf16 operands ("Bad lhs type"), and
+    an explicit precision keeps a global `jax_default_matmul_precision` from reaching the kernel.
+    """
+    fp32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    precision = lax.Precision.HIGHEST if fp32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
