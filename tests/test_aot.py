@@ -23,9 +23,9 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec
 
 from m1jax import topology
-from m1jax.cache import init_cache
+from m1jax.cache import abstract_cache
 from m1jax.config import LIGHTNING, SOFTMAX, ModelConfig
-from m1jax.loading import abstract_model
+from m1jax.loading import abstract_sharded_model
 from m1jax.sharding import make_mesh, named_sharding
 from pallas_kernels.lightning import api
 
@@ -114,18 +114,6 @@ TINY_REAL = ModelConfig(  # M1's per-head shapes (head dim 128, top-2 MoE), both
     vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
     head_dim=128, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2,
     layer_types=(LIGHTNING, SOFTMAX), rotary_dim=64, dtype="bfloat16", param_dtype="bfloat16")
-
-
-def _abstract_params(config: ModelConfig, mesh):
-    """(graphdef, params as `ShapeDtypeStruct`s sharded by the rules table): nothing is allocated."""
-    graphdef, state = abstract_model(config)
-    for _, var in nnx.to_flat_state(state):
-        a = var.get_value()
-        sharding = named_sharding(var.get_metadata()["logical_axes"], a.shape, mesh)
-        var.set_value(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding))
-    return graphdef, state
-
-
 MESHES = {"1chip": {}, "tensor2xexpert2": {"tensor": 2, "expert": 2}}
 
 
@@ -135,13 +123,11 @@ def test_bf16_model_compiles(target, mesh_name):
     the lightning layers as Pallas kernels (per shard under the mesh)."""
     mesh_shape = MESHES[mesh_name]
     mesh = make_mesh(mesh_shape, devices=_devices(target, math.prod(mesh_shape.values())))
-    graphdef, params = _abstract_params(TINY_REAL, mesh)
+    graphdef, params = abstract_sharded_model(TINY_REAL, mesh)
     b, t, max_len = 2, 300, 512
     tokens = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=named_sharding(("batch", None), (b, t), mesh))
     token = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=named_sharding(("batch", None), (b, 1), mesh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                         jax.eval_shape(lambda: init_cache(TINY_REAL, b, max_len)))
+    cache = abstract_cache(TINY_REAL, b, max_len, mesh=mesh)
 
     def prefill(params, tokens):
         return nnx.merge(graphdef, params)(tokens).logits
