@@ -290,3 +290,17 @@ def test_trainer_refuses_an_int8_checkpoint(converted_int8):
 
     with pytest.raises(RunConfigError, match="int8-experts.*without --quantize"):
         build_model(ModelSpec(checkpoint=str(converted_int8)), seed=0)
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "tensor": 2, "expert": 2}, {"tensor": 2, "expert": 4}])
+def test_int8_forward_on_a_mesh_equals_unsharded(tiny_models, tiny_logits, shape):
+    from m1jax.sharding import make_mesh
+
+    mesh = make_mesh(shape)
+    sharded = build_from_views(tiny_models[1].config, flat(tiny_models[1]), mesh=mesh)
+    scale = nnx.state(sharded)["layers"][0]["block_sparse_moe"]["w2_scale"].get_value()
+    assert scale.sharding.spec[0] == "expert"
+    with jax.set_mesh(mesh):
+        got = logits_of(sharded, jnp.asarray(TOKENS))
+    want = tiny_logits["int8_f32"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
