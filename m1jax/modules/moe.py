@@ -125,8 +125,9 @@ def _sort_assignments(experts_TxK, num_experts):
 def _ragged_dot(x_AxK, w_ExKxN, sizes_E, preferred_element_type=None):
     """Grouped GEMM `jax.lax.ragged_dot` at HIGHEST precision for fp32 operands and an explicit DEFAULT otherwise:
     TPU's grouped-GEMM kernel rejects HIGHEST on bf16 operands (as Mosaic does), and an explicit precision keeps
-    a global `jax_default_matmul_precision` from reaching it."""
-    fp32 = x_AxK.dtype == jnp.float32 and w_ExKxN.dtype == jnp.float32
+    a global `jax_default_matmul_precision` from reaching it. int8 weights (exact in any float) with fp32
+    activations take HIGHEST too (it compiles for TPU), so fp32 compute keeps fp32 activations."""
+    fp32 = x_AxK.dtype == jnp.float32 and w_ExKxN.dtype in (jnp.float32, jnp.int8)
     precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
     return jax.lax.ragged_dot(x_AxK, w_ExKxN, sizes_E, precision=precision,
                               preferred_element_type=preferred_element_type)
