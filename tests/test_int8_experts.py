@@ -18,7 +18,7 @@ import m1jax.cli
 from convert.hf_checkpoint import HFCheckpoint
 from convert.hf_to_m1jax import convert_checkpoint
 from convert.m1jax_checkpoint import MARKER, M1jaxCheckpoint
-from convert.m1jax_to_hf import export_checkpoint
+from convert.m1jax_to_hf import export_checkpoint, export_model
 from m1jax.config import ConfigError, ModelConfig
 from m1jax.generation import generate
 from m1jax.loading import build_from_views, from_pretrained
@@ -210,6 +210,17 @@ def test_generation_with_int8_matches_the_dequantized_model(tiny_models):
     assert all(len(r.tokens) == 6 for r in got)
 
 
+def test_unstacked_int8_experts_split_weights_and_scales_per_expert(tiny_models):
+    params = nnx.state(tiny_models[1])
+    unstacked = moe.unstack_experts(params)
+    for name in moe.EXPERT_WEIGHTS + moe.EXPERT_SCALES:
+        stacked = np.asarray(params["layers"][1]["block_sparse_moe"][name].get_value())
+        parts = unstacked["layers"][1]["block_sparse_moe"][name].get_value()
+        assert isinstance(parts, tuple) and len(parts) == stacked.shape[0], name
+        for e, part in enumerate(parts):
+            np.testing.assert_array_equal(np.asarray(part), stacked[e], err_msg=name)
+
+
 def test_generate_cli_quantizes_the_model(capsys):
     rc = m1jax.cli.main(["generate", "--quantize", INT8, "--max-new-tokens", "3", "--temperature", "0",
                          "--no-stream", "--prefill-chunk", "16"])
@@ -275,6 +286,10 @@ def test_convert_quantize_then_load_and_export(small_hf, converted_int8, tmp_pat
     exported = np.asarray(hf.get("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
     assert np.abs(exported - src).max() <= np.abs(src).max() / 127 * 0.51 + 1e-6  # half a step (bf16 source)
     assert M1jaxCheckpoint(converted_int8).quantize == INT8
+
+    again = export_model(loaded, tmp_path / "hf2", dtype="float32", shard_size="10GB")  # the in-memory int8 model
+    for name in ("model.layers.1.block_sparse_moe.experts.2.w3.weight", "model.layers.0.self_attn.qkv_proj.weight"):
+        np.testing.assert_array_equal(np.asarray(HFCheckpoint(again).get(name)), np.asarray(hf.get(name)), name)
 
 
 def test_convert_refuses_an_unknown_quantize(small_hf, tmp_path):
