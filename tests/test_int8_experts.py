@@ -113,7 +113,7 @@ def expert_weights(e=6, d=32, f=48, seed=0):
 
 
 @pytest.mark.parametrize("impl", ["dense", "gather", "switch", "switch-unstacked", "ragged", "tiled"])
-@pytest.mark.parametrize("tokens", [3, 70])
+@pytest.mark.parametrize("tokens", [pytest.param(3, marks=pytest.mark.slow), 70])
 def test_int8_impl_equals_the_dequantized_weights(impl, tokens):
     """(x·q)·s per output channel == x·(q·s): each implementation on int8 weights + scales equals the dense
     reference on the dequantized fp32 weights (fp32, tight)."""
@@ -307,7 +307,8 @@ def test_trainer_refuses_an_int8_checkpoint(converted_int8):
         build_model(ModelSpec(checkpoint=str(converted_int8)), seed=0)
 
 
-@pytest.mark.parametrize("shape", [{"data": 2, "tensor": 2, "expert": 2}, {"tensor": 2, "expert": 4}])
+@pytest.mark.parametrize("shape", [{"data": 2, "tensor": 2, "expert": 2},
+                                   pytest.param({"tensor": 2, "expert": 4}, marks=pytest.mark.slow)])
 def test_int8_forward_on_a_mesh_equals_unsharded(tiny_models, tiny_logits, shape):
     from m1jax.sharding import make_mesh
 
