@@ -31,6 +31,7 @@ LIGHTNING_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "ragged", "tiled", "gather", "switch", "dense")
 INT8_EXPERTS = "int8-experts"
 QUANTIZE_MODES = (None, INT8_EXPERTS)  # m1jax.quantize implements them
+MOE_PARALLEL = ("auto", "off")
 
 RC_DEFAULT_BLOCK_SIZE = 256
 
@@ -118,6 +119,7 @@ class ModelConfig:
     lightning_impl: str = "auto"  # "xla" | "pallas" | "auto"
     moe_impl: str = "auto"  # "ragged" | "tiled" | "gather" | "switch" | "dense" | "auto"
     quantize: str | None = None  # None | "int8-experts" (routed experts' w1/w3/w2 int8 + per-channel scales)
+    moe_parallel: str = "auto"  # "auto": expert-parallel shard_map under a mesh with expert/tensor axes | "off"
 
     # --- provenance, for a lossless write-back ---
     hf_spelling: Literal["remote_code", "transformers"] = "remote_code"
@@ -200,6 +202,8 @@ class ModelConfig:
              f"must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         need(self.quantize in QUANTIZE_MODES, "quantize", f"must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        need(self.moe_parallel in MOE_PARALLEL, "moe_parallel",
+             f"must be one of {MOE_PARALLEL}, got {self.moe_parallel!r}")
         need(self.hf_spelling in ("remote_code", "transformers"), "hf_spelling",
              f"must be 'remote_code' or 'transformers', got {self.hf_spelling!r}")
         if self.tie_word_embeddings:
@@ -262,7 +266,7 @@ class ModelConfig:
         for name in ("lightning_norm_eps",):
             if name in runtime:
                 kw[name] = runtime.pop(name)
-        unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl", "quantize"}
+        unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl", "quantize", "moe_parallel"}
         if unknown:
             raise TypeError(f"unknown runtime option(s): {sorted(unknown)}")
         try:

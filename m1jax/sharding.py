@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 # Default mesh axes: ("data", "fsdp", "tensor", "expert").
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # tokens split over the expert axis too: the MoE exchanges them
     # The data axes that the batch leaves unused (batch 1 at long context) split the sequence (sequence sharding:
     # lightning passes decayed states between shards, softmax attention gathers K/V or combines partial softmaxes).
     "seq": ("data", "fsdp", "expert"),
@@ -27,7 +27,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "qkv": None,
     "mlp": "tensor",
-    "experts": "expert",
+    "experts": ("expert", "fsdp"),  # experts over fsdp too: token exchange instead of gathering expert weights
     "router_experts": None,
     "state_k": None,
     "state_v": None,

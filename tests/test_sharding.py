@@ -34,7 +34,7 @@ def test_sharded_forward_equals_single_device(reference, mesh_shape):
     sharded = build_from_views(config, views, mesh=mesh)
     w1 = sharded.layers[0].block_sparse_moe.w1[...]
     if mesh_shape.get("expert", 1) > 1:
-        assert w1.sharding.spec[0] == "expert"
+        assert "expert" in w1.sharding.spec[0]
     with jax.set_mesh(mesh):
         logits = jax.jit(lambda t: sharded(t).logits)(tokens)
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-5, atol=2e-5)

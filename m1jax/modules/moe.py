@@ -19,17 +19,24 @@ With `config.quantize == "int8-experts"` the expert weights are int8 with per-ou
 weights as they are (mixed-dtype dots with `preferred_element_type`: the TPU compiler reads int8 in the
 ragged-dot kernel, no bf16 copy of an expert stack) and rescales each product's output channels:
 (x·q)·s = x·(q·s). Only the CPU switch casts the one expert it reads.
+
+Under a mesh whose expert or tensor axis is > 1, `expert_parallel` runs the chosen implementation per shard
+on that shard's experts (`moe_parallel="off"` leaves the whole computation to GSPMD instead).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from m1jax.config import ModelConfig
 from m1jax.modules.unfused import dot_boundary, linear
 from m1jax.quantize import scale_name, scaled
+from m1jax.sharding import axes_size, current_mesh, logical_to_spec, spec_axes
 from m1jax.weights import DTYPE, param, quantized_param
 
 TILE_ROWS = 128
@@ -162,7 +169,7 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
     a = t * k
     g = max(8, min(tile_rows, 1 << max(a // e, 1).bit_length()))
     order_A, sizes_E = _sort_assignments(experts_TxK, e)
-    xs = jnp.concatenate([x_TxD[order_A // k], jnp.zeros((g, x_TxD.shape[1]), x_TxD.dtype)], axis=0)
+    xs = jnp.concatenate([x_TxD[order_A // k], jnp.zeros_like(x_TxD, shape=(g, x_TxD.shape[1]))], axis=0)
     starts_E = jnp.cumsum(sizes_E) - sizes_E
     tiles_E = (sizes_E + g - 1) // g
     tiles_end_E = jnp.cumsum(tiles_E)
@@ -183,11 +190,11 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
     def body(out, xs_tile):
         ex, row, active = xs_tile
         x_GxD = jax.lax.dynamic_slice_in_dim(xs, row, g, axis=0)
-        y = jax.lax.cond(active, lambda: tile(x_GxD, ex), lambda: jnp.zeros((g, out.shape[1]), out.dtype))
+        y = jax.lax.cond(active, lambda: tile(x_GxD, ex), lambda: jnp.zeros_like(out, shape=(g, out.shape[1])))
         out = jax.lax.cond(active, lambda: jax.lax.dynamic_update_slice_in_dim(out, y, row, axis=0), lambda: out)
         return out, None
 
-    out0 = jnp.zeros((a + g, w2_ExFxD.shape[2]), x_TxD.dtype)
+    out0 = jnp.zeros_like(x_TxD, shape=(a + g, w2_ExFxD.shape[2]))  # zeros_like: shard_map's varying axes
     out, _ = jax.lax.scan(body, out0, (expert_T, row_T, active_T))
     out_sorted = out[:a]
     out_AxD = jnp.zeros_like(out_sorted).at[order_A].set(out_sorted)
@@ -198,13 +205,13 @@ EXPERT_IMPLS = {"dense": experts_dense, "gather": experts_gather, "switch": expe
                 "tiled": experts_tiled}
 
 
-def choose_impl(impl: str, num_assignments: int, num_experts: int) -> str:
+def choose_impl(impl: str, num_assignments: int, num_experts: int, platform: str | None = None) -> str:
     """"auto": on CPU switch up to 2·E assignments (bench-small decode: batch 8 = 16 assignments of 8 experts
     67 vs 102 ms per step with tiles; batch 16 on par), else tiles; on GPU/TPU gather up to E assignments,
-    else ragged_dot."""
+    else ragged_dot. `platform` defaults to the default backend's."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "cpu":
+    if (platform or jax.default_backend()) == "cpu":
         return "switch" if num_assignments <= 2 * num_experts else "tiled"
     return "gather" if num_assignments <= num_experts else "ragged"
 
@@ -219,6 +226,148 @@ def _compute_weight(v, dt, *, keep_tuple: bool):
     if isinstance(v, tuple):
         return tuple(cast(x) for x in v) if keep_tuple else cast(jnp.stack(v))
     return cast(v)
+
+
+# --- Expert parallelism ---------------------------------------------------------------------------------------
+
+def parallel_axes(mesh, x_shape, w1_shape) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(token axes, expert axes, tensor axes): the mesh axes the rules table shards the tokens `[B, L, D]`
+    over (batch), the expert weights' expert dimension over, and their `mlp` dimension over."""
+    tok = spec_axes(logical_to_spec(("batch", None, None), x_shape, mesh)[0])
+    w_spec = logical_to_spec(("experts", "embed", "mlp"), w1_shape, mesh)
+    return tok, spec_axes(w_spec[0]), spec_axes(w_spec[2])
+
+
+def _platform(mesh) -> str:
+    """The platform the mesh's devices belong to ("cpu", "tpu", "gpu"; deviceless TPU meshes say "tpu")."""
+    device = getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def _exclusive_cumsum(x, axis=0):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis, platform):
+    """`jax.lax.ragged_all_to_all` with one slice per device, on TPU/GPU; elsewhere (XLA:CPU has no ragged
+    all-to-all) the same result by a dense `all_to_all` of every slice padded to the whole operand."""
+    if platform in ("tpu", "gpu"):
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=axis)
+    n, cap = send_sizes.shape[0], operand.shape[0]
+    rows_C = jnp.arange(cap)
+    sent_NxC = rows_C[None] < send_sizes[:, None]
+    chunks = jnp.where(sent_NxC[..., None], operand[jnp.minimum(input_offsets[:, None] + rows_C, cap - 1)], 0)
+    got = jax.lax.all_to_all(chunks.reshape(n * cap, -1), axis, 0, 0, tiled=True)
+    at_N = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)  # where each source's slice goes here
+    dest_NxC = jnp.where(rows_C[None] < recv_sizes[:, None], at_N[:, None] + rows_C, output.shape[0])
+    return output.at[dest_NxC.reshape(-1)].set(got, mode="drop")
+
+
+def _local_experts(x_RxD, local_R, valid_R, w1_LxDxF, w3_LxDxF, w2_LxFxD, *, scales, impl, platform):
+    """y_r = FFN_{local_r}(x_r) by this shard's experts (int8 ones with their `scales`) for valid rows r, 0 for
+    the others (which carry the id E_local: the sorted implementations skip it)."""
+    r = x_RxD.shape[0]
+    name = choose_impl(impl, r, w1_LxDxF.shape[0], platform)
+    y = EXPERT_IMPLS[name](x_RxD, w1_LxDxF, w3_LxDxF, w2_LxFxD, jnp.ones((r, 1), x_RxD.dtype), local_R[:, None],
+           scales=scales)
+    return jnp.where(valid_R[:, None], y, 0).astype(x_RxD.dtype)
+
+
+def _exchange_tokens(x_TxD, w1, w3, w2, weights_TxK, experts_TxK, *, scales, ep, tp, n_ep, impl, platform):
+    """Per shard (tokens split over the expert axes): sort the assignments by expert, send each to its expert's
+    shard (ragged all-to-all), run this shard's experts on what arrives, send the results back, combine.
+
+    counts[s, e] (all-gathered) = assignments of source shard s to expert e; sent[s, j] = Σ_{e on j} counts[s, e].
+    Shard j receives, from each source in turn, its rows already sorted by expert: its buffer is grouped by
+    (source, local expert), big enough for the worst case n_ep · T · min(k, E_local) rows.
+    """
+    t, k = experts_TxK.shape
+    d, e_loc = x_TxD.shape[1], w1.shape[0]
+    me = jax.lax.axis_index(ep)
+    flat_A = experts_TxK.reshape(-1)
+    order_A = jnp.argsort(flat_A, stable=True)
+    counts_NxE = jax.lax.all_gather(jnp.bincount(flat_A, length=n_ep * e_loc).astype(jnp.int32), ep)
+    sent_NxN = counts_NxE.reshape(n_ep, n_ep, e_loc).sum(-1)
+    send_N, recv_N = sent_NxN[me], sent_NxN[:, me]
+    lands_NxN = _exclusive_cumsum(sent_NxN, 0)  # [s, j]: where s's rows start in j's buffer
+    leaves_NxN = _exclusive_cumsum(sent_NxN, 1)  # [s, j]: where s's rows for j start in s's sorted assignments
+    r = n_ep * t * min(k, e_loc)
+    buf_RxD = _ragged_all_to_all(x_TxD[order_A // k], jnp.zeros_like(x_TxD, shape=(r, d)), leaves_NxN[me], send_N,
+                                 lands_NxN[me], recv_N, axis=ep, platform=platform)
+    ends = jnp.cumsum(jax.lax.dynamic_slice_in_dim(counts_NxE, me * e_loc, e_loc, axis=1).reshape(-1))
+    rows_R = jnp.arange(r)
+    valid_R = rows_R < ends[-1]
+    local_R = jnp.where(valid_R, jnp.searchsorted(ends, rows_R, side="right") % e_loc, e_loc).astype(jnp.int32)
+    y_RxD = _local_experts(buf_RxD, local_R, valid_R, w1, w3, w2, scales=scales, impl=impl, platform=platform)
+    y_sorted = _ragged_all_to_all(y_RxD, jnp.zeros_like(y_RxD, shape=(t * k, d)), lands_NxN[:, me], recv_N,
+                                  leaves_NxN[:, me], send_N, axis=ep, platform=platform)
+    y_AxD = jnp.zeros_like(y_sorted).at[order_A].set(y_sorted)
+    y_TxD = _combine(y_AxD.reshape(t, k, d), weights_TxK)
+    return jax.lax.psum(y_TxD, tp) if tp else y_TxD
+
+
+def _replicated_tokens(x_TxD, w1, w3, w2, weights_TxK, experts_TxK, *, scales, ep, tp, gather, impl, platform):
+    """Per shard (tokens the same on every expert shard, or made so by all-gathering them over `gather`): run
+    this shard's experts on the assignments routed to them, sum the partial outputs over the shards (psum;
+    psum_scatter back to the token shards over `gather`)."""
+    if gather:
+        x_TxD, weights_TxK, experts_TxK = (jax.lax.all_gather(a, gather, axis=0, tiled=True)
+                                           for a in (x_TxD, weights_TxK, experts_TxK))
+    t, k = experts_TxK.shape
+    e_loc = w1.shape[0]
+    local_A = experts_TxK.reshape(-1) - (jax.lax.axis_index(ep) * e_loc if ep else 0)
+    mine_A = (local_A >= 0) & (local_A < e_loc)
+    y_AxD = _local_experts(jnp.repeat(x_TxD, k, axis=0), jnp.where(mine_A, local_A, e_loc), mine_A, w1, w3, w2,
+                           scales=scales, impl=impl, platform=platform)
+    y_TxD = _combine(y_AxD.reshape(t, k, -1), weights_TxK)
+    rest = tuple(a for a in ep + tp if a not in gather)
+    y_TxD = jax.lax.psum(y_TxD, rest) if rest else y_TxD
+    return jax.lax.psum_scatter(y_TxD, gather, scatter_dimension=0, tiled=True) if gather else y_TxD
+
+
+def expert_parallel(x_BxLxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_BxLxK, experts_BxLxK, *, scales=None,
+                    impl: str = "auto", mesh=None) -> jax.Array:
+    """Σ_k w_k · FFN_{e_k}(x) (fp32) computed in `jax.shard_map` over `mesh` (default: the active one), with
+    tokens, expert weights and `mlp` split as the rules table says (batch, experts, mlp): no expert weight moves.
+
+    Tokens split over every expert axis are exchanged (`_exchange_tokens`: each assignment travels to its
+    expert's shard and back); otherwise (decode, a batch the axes do not divide) every expert shard sees the
+    tokens and adds its experts' share (`_replicated_tokens`). `mlp`-split experts give partial sums, summed
+    over the tensor axes. Each shard runs `impl` ("auto" by the mesh's platform) on its own experts only
+    (int8 ones with their per-channel `scales`, split like the weights' output channels).
+    """
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is None:
+        raise ValueError("expert_parallel needs a mesh: pass mesh= or call it under jax.set_mesh")
+    tok, ep, tp = parallel_axes(mesh, x_BxLxD.shape, w1_ExDxF.shape)
+    if set(tok) & set(tp):
+        raise ValueError(f"the rules table splits tokens over tensor axes {sorted(set(tok) & set(tp))}, which also "
+                         "split the experts' mlp dimension: the MoE needs every token on every tensor shard")
+    n_ep = axes_size(mesh, ep)
+    platform = _platform(mesh)
+    if ep and set(ep) <= set(tok):
+        body = functools.partial(_exchange_tokens, ep=ep, tp=tp, n_ep=n_ep, impl=impl, platform=platform)
+    else:
+        body = functools.partial(_replicated_tokens, ep=ep, tp=tp, gather=tuple(a for a in ep if a in tok),
+                                 impl=impl, platform=platform)
+
+    def per_shard(x_BxLxD, w1, w3, w2, weights_BxLxK, experts_BxLxK, *scales):
+        b, l, d = x_BxLxD.shape
+        k = experts_BxLxK.shape[-1]
+        # computed with weights that differ per expert/tensor shard, the activations differ too (shard_map's check)
+        x_BxLxD = jax.lax.pcast(x_BxLxD, tuple(a for a in ep + tp if a not in tok), to="varying")
+        y_TxD = body(x_BxLxD.reshape(b * l, d), w1, w3, w2, weights_BxLxK.reshape(b * l, k),
+                     experts_BxLxK.reshape(b * l, k), scales=scales or None)
+        return y_TxD.reshape(b, l, d)
+
+    tokens = P(tok or None, None, None)
+    w_in, w_out = P(ep or None, None, tp or None), P(ep or None, tp or None, None)
+    scale_specs = () if scales is None else (P(ep or None, tp or None), P(ep or None, tp or None), P(ep or None, None))
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, w_in, w_in, w_out, tokens, tokens, *scale_specs),
+                         out_specs=tokens)(x_BxLxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_BxLxK, experts_BxLxK,
+                                           *(scales or ()))
 
 
 class MoE(nnx.Module):
@@ -249,15 +398,24 @@ class MoE(nnx.Module):
         b, l, d = x_BxLxD.shape
         x_TxD = x_BxLxD.reshape(b * l, d).astype(dt)
         probs_TxE, weights_TxK, experts_TxK = route(x_TxD, self.gate[...], c.num_experts_per_tok)
-        name = choose_impl(impl or c.moe_impl, experts_TxK.size, c.num_local_experts)
+        stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
+        impl = impl or c.moe_impl
+        mesh = current_mesh()
+        w_shape = (c.num_local_experts, d, c.intermediate_size)
+        parallel = c.moe_parallel == "auto" and mesh is not None and any(parallel_axes(mesh, (b, l, d), w_shape)[1:])
+        name = None if parallel else choose_impl(impl, experts_TxK.size, c.num_local_experts)
         keep = name == "switch"
         quantized = c.quantize is not None
         ws = [_compute_weight(getattr(self, w).get_value(), None if quantized else dt, keep_tuple=keep)
               for w in EXPERT_WEIGHTS]
         scales = tuple(_compute_weight(getattr(self, s).get_value(), None, keep_tuple=keep)
                        for s in EXPERT_SCALES) if quantized else None
+        if parallel:
+            k = c.num_experts_per_tok
+            y_BxLxD = expert_parallel(x_TxD.reshape(b, l, d), *ws, weights_TxK.astype(dt).reshape(b, l, k),
+                                      experts_TxK.reshape(b, l, k), scales=scales, impl=impl, mesh=mesh)
+            return y_BxLxD.astype(dt), stats
         y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK, scales=scales)
-        stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
         return y_TxD.astype(dt).reshape(b, l, d), stats
 
 
