@@ -68,7 +68,8 @@ def test_exchange_is_exact_under_skewed_routing():
 
 
 @pytest.mark.parametrize("mesh_shape, tokens", [({"fsdp": 2, "expert": 2, "tensor": 2}, (8, 6)),
-                                                ({"tensor": 2, "expert": 4}, (3, 2))])
+                                                ({"tensor": 2, "expert": 4}, (3, 2)),
+                                                ({"data": 2, "tensor": 4}, (4, 6))])
 def test_expert_parallel_gradients_equal_single_device(mesh_shape, tokens):
     gate, w1, w3, w2 = expert_weights(2)
     x = jax.random.normal(jax.random.PRNGKey(7), (*tokens, D))

@@ -158,11 +158,13 @@ def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
 
 
 def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None,
-                  tile_rows: int = TILE_ROWS):
+                  tile_rows: int = TILE_ROWS, skip_idle: bool = True):
     """Sorted assignments in tiles of G rows; tile τ multiplies rows [r_τ, r_τ+G) by its expert's weights.
 
     Tiles are visited in expert order, so rows a tile computes past its expert's group are recomputed
     (overwritten) by the later tiles that own them. The tile count is static: ⌈A/G⌉ + E bounds Σ_e ⌈g_e/G⌉.
+    The idle tiles beyond Σ_e ⌈g_e/G⌉ are skipped by a branch, or with `skip_idle=False` computed on zero
+    padding (the branch's gradient inside `shard_map` crashes XLA:CPU in jax 0.10.2: `expert_parallel`).
     """
     t, k = experts_TxK.shape
     e = w1_ExDxF.shape[0]
@@ -190,6 +192,8 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
     def body(out, xs_tile):
         ex, row, active = xs_tile
         x_GxD = jax.lax.dynamic_slice_in_dim(xs, row, g, axis=0)
+        if not skip_idle:  # an idle tile reads and writes the zero rows [A, A + G)
+            return jax.lax.dynamic_update_slice_in_dim(out, tile(x_GxD, ex), row, axis=0), None
         y = jax.lax.cond(active, lambda: tile(x_GxD, ex), lambda: jnp.zeros_like(out, shape=(g, out.shape[1])))
         out = jax.lax.cond(active, lambda: jax.lax.dynamic_update_slice_in_dim(out, y, row, axis=0), lambda: out)
         return out, None
@@ -270,8 +274,8 @@ def _local_experts(x_RxD, local_R, valid_R, w1_LxDxF, w3_LxDxF, w2_LxFxD, *, sca
     the others (which carry the id E_local: the sorted implementations skip it)."""
     r = x_RxD.shape[0]
     name = choose_impl(impl, r, w1_LxDxF.shape[0], platform)
-    y = EXPERT_IMPLS[name](x_RxD, w1_LxDxF, w3_LxDxF, w2_LxFxD, jnp.ones((r, 1), x_RxD.dtype), local_R[:, None],
-           scales=scales)
+    fn = functools.partial(experts_tiled, skip_idle=False) if name == "tiled" else EXPERT_IMPLS[name]
+    y = fn(x_RxD, w1_LxDxF, w3_LxDxF, w2_LxFxD, jnp.ones((r, 1), x_RxD.dtype), local_R[:, None], scales=scales)
     return jnp.where(valid_R[:, None], y, 0).astype(x_RxD.dtype)
 
 
