@@ -3,6 +3,9 @@
     q, k, v = silu(x W_qkv) split per head (per-head interleaved [q | k | v] layout of `qkv_proj`)
     o       = LightningAttention(q, k, v; λ_h = exp(−s_h)),   s_h = alibi_h · (1 − l/(L−1) + 1e-5)
     y       = (RMSNorm_{H·D}(o) ⊙ sigmoid(x W_gate)) W_out
+
+Under a mesh that splits the sequence (`sharding.RULES["seq"]`), a prefill runs per sequence shard and the
+shards exchange only their D×D states (`sequence_sharded_lightning`); decode is per sequence and unchanged.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ The attention core sees queries and keys by *slot*: slot j of the key sequence i
 slot i iff `kv_valid[b, j]` and `j ≤ i`. Without a cache the slots are 0..L−1; with a cache the new tokens
 occupy slots `start .. start+L−1` of a `[B, S, K, D]` buffer. Padding is an invalid slot, so it never enters
 a score. Long key ranges run blockwise with an online softmax (bounded memory, same result).
+
+Under a mesh that splits the sequence (`sharding.RULES["seq"]`, batch 1 at long context) the layer runs per
+shard: a prefill gathers the new K/V (and the cache) over the sequence axes and attends each shard's queries at
+their global slots; a decode reads a cache whose slots are split over those axes and combines the shards'
+partial softmaxes (flash-decoding), so the cache is never gathered.
 """
 
 from __future__ import annotations
