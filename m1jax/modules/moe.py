@@ -234,12 +234,15 @@ def _compute_weight(v, dt, *, keep_tuple: bool):
 
 # --- Expert parallelism ---------------------------------------------------------------------------------------
 
+TOKEN_AXES = ("batch", "seq", None)  # the MoE's tokens [B, L, D]: split like the hidden states
+
+
 def parallel_axes(mesh, x_shape, w1_shape) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(token axes, expert axes, tensor axes): the mesh axes the rules table shards the tokens `[B, L, D]`
-    over (batch), the expert weights' expert dimension over, and their `mlp` dimension over."""
-    tok = spec_axes(logical_to_spec(("batch", None, None), x_shape, mesh)[0])
+    over (batch, then sequence), the expert weights' expert dimension over, and their `mlp` dimension over."""
+    x_spec = logical_to_spec(TOKEN_AXES, x_shape, mesh)
     w_spec = logical_to_spec(("experts", "embed", "mlp"), w1_shape, mesh)
-    return tok, spec_axes(w_spec[0]), spec_axes(w_spec[2])
+    return spec_axes(x_spec[0]) + spec_axes(x_spec[1]), spec_axes(w_spec[0]), spec_axes(w_spec[2])
 
 
 def _platform(mesh) -> str:
@@ -366,7 +369,8 @@ def expert_parallel(x_BxLxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_BxLxK, expert
                      experts_BxLxK.reshape(b * l, k), scales=scales or None)
         return y_TxD.reshape(b, l, d)
 
-    tokens = P(tok or None, None, None)
+    x_spec = logical_to_spec(TOKEN_AXES, x_BxLxD.shape, mesh)
+    tokens = P(x_spec[0], x_spec[1], None)  # a shard's tokens are its batch rows × its sequence part
     w_in, w_out = P(ep or None, None, tp or None), P(ep or None, tp or None, None)
     scale_specs = () if scales is None else (P(ep or None, tp or None), P(ep or None, tp or None), P(ep or None, None))
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, w_in, w_in, w_out, tokens, tokens, *scale_specs),
