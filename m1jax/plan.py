@@ -60,6 +60,8 @@ class PlanRequest:
     chunk: int | None = None  # prefill: tokens per step (default: the whole context)
     lightning_impl: str = "auto"
     moe_impl: str = "auto"
+    scan: str | None = None  # "auto" | "on" | "off": layers as one scan over groups (config.scan_layers)
+    remat: str | None = None  # per scanned group (config.remat), e.g. "full" for long training contexts
     compile: bool = True
 
 
@@ -99,11 +101,15 @@ def model_config(req: PlanRequest):
         if not 1 <= req.layers <= config.num_hidden_layers:
             raise PlanError(f"--layers must be in 1..{config.num_hidden_layers}, got {req.layers}")
         config = config.replace(num_hidden_layers=req.layers, layer_types=config.layer_types[:req.layers])
-    if req.quantize is not None:
-        if "quantize" not in {f.name for f in dc.fields(ModelConfig)}:
-            raise PlanError(f"--quantize {req.quantize}: this version of m1jax has no quantized experts "
-                            f"(ModelConfig.quantize)")
-        config = config.replace(quantize=req.quantize)
+    fields = {f.name for f in dc.fields(ModelConfig)}
+    extra = {"quantize": req.quantize, "remat": req.remat,
+             "scan_layers": {"on": True, "off": False, "auto": "auto", None: None}[req.scan]}
+    for name, value in extra.items():
+        if value is None:
+            continue
+        if name not in fields:
+            raise PlanError(f"--{name.split('_')[0]} {value}: this version of m1jax has no ModelConfig.{name}")
+        config = config.replace(**{name: value})
     return config
 
 

@@ -86,9 +86,9 @@ def test_plan_errors_are_one_line(capsys, monkeypatch):
     assert "has 3 chips; v5p-128 has 64" in capsys.readouterr().err
     assert main(["plan", "--topology", "v7x-9", "--no-compile"]) == 2
     assert "unknown topology" in capsys.readouterr().err
-    if "quantize" not in ModelConfig.__dataclass_fields__:
-        assert main(["plan", "--topology", "8xh200", "--model", "tiny", "--quantize", "int8-experts"]) == 2
-        assert "no quantized experts" in capsys.readouterr().err
+    if "remat" not in ModelConfig.__dataclass_fields__:
+        assert main(["plan", "--topology", "8xh200", "--model", "tiny", "--remat", "full"]) == 2
+        assert "no ModelConfig.remat" in capsys.readouterr().err
     # no libtpu anywhere: the message says how to get it
     monkeypatch.setattr(planmod, "compiler_env_ready", lambda: False)
     monkeypatch.setattr(planmod, "libtpu_available", lambda: False)
