@@ -361,6 +361,8 @@ def compile_step(config, topo: Topology, mode: str, batch: int, context: int, me
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost or {}
     hlo = compiled.as_text()
+    if os.environ.get("M1JAX_PLAN_DUMP_HLO"):
+        Path(os.environ["M1JAX_PLAN_DUMP_HLO"]).write_text(hlo)
     gathers = hlo_collectives.all_gathers_of(hlo, _expert_shapes(config))
     return {
         "compiled": True, "compile_s": compile_s,
