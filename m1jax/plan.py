@@ -102,13 +102,13 @@ def model_config(req: PlanRequest):
             raise PlanError(f"--layers must be in 1..{config.num_hidden_layers}, got {req.layers}")
         config = config.replace(num_hidden_layers=req.layers, layer_types=config.layer_types[:req.layers])
     fields = {f.name for f in dc.fields(ModelConfig)}
-    extra = {"quantize": req.quantize, "remat": req.remat,
-             "scan_layers": {"on": True, "off": False, "auto": "auto", None: None}[req.scan]}
-    for name, value in extra.items():
-        if value is None:
+    extra = {"quantize": ("quantize", req.quantize, req.quantize), "remat": ("remat", req.remat, req.remat),
+             "scan": ("scan_layers", req.scan, {"on": True, "off": False, "auto": "auto"}.get(req.scan))}
+    for flag, (name, given, value) in extra.items():
+        if given is None:
             continue
         if name not in fields:
-            raise PlanError(f"--{name.split('_')[0]} {value}: this version of m1jax has no ModelConfig.{name}")
+            raise PlanError(f"--{flag} {given}: this version of m1jax has no ModelConfig.{name}")
         config = config.replace(**{name: value})
     return config
 
