@@ -22,9 +22,10 @@ from m1jax.sharding import make_mesh, named_sharding
 from m1jax.topology import deviceless_env, libtpu_available
 
 E, D, F, K = 8, 16, 24, 2
-# mesh, then (batch, length) of tokens: prefill-sized (batch split over every token axis: tokens exchanged),
-# decode-sized, and batches the axes do not divide (tokens replicated over, or gathered onto, the expert shards)
-CASES = [({"expert": 8}, [(8, 12), (3, 1)]), ({"data": 2, "expert": 4}, [(16, 1), (2, 5)]),
+# mesh, then (batch, length) of tokens: prefill-sized (batch, or batch and sequence, split over every token axis:
+# tokens exchanged), decode-sized, and batches the axes do not divide (tokens replicated over, or gathered onto,
+# the expert shards)
+CASES = [({"expert": 8}, [(8, 12), (3, 1)]), ({"data": 2, "expert": 4}, [(16, 1), (2, 5), (2, 8)]),
          ({"tensor": 2, "expert": 4}, [(4, 6), (1, 1)]), ({"fsdp": 2, "expert": 2, "tensor": 2}, [(8, 3), (2, 5)])]
 
 

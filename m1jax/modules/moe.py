@@ -337,13 +337,14 @@ def _replicated_tokens(x_TxD, w1, w3, w2, weights_TxK, experts_TxK, *, scales, e
 def expert_parallel(x_BxLxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_BxLxK, experts_BxLxK, *, scales=None,
                     impl: str = "auto", mesh=None) -> jax.Array:
     """Σ_k w_k · FFN_{e_k}(x) (fp32) computed in `jax.shard_map` over `mesh` (default: the active one), with
-    tokens, expert weights and `mlp` split as the rules table says (batch, experts, mlp): no expert weight moves.
+    tokens, expert weights and `mlp` split as the rules table says (batch and seq, experts, mlp): no expert
+    weight moves.
 
-    Tokens split over every expert axis are exchanged (`_exchange_tokens`: each assignment travels to its
-    expert's shard and back); otherwise (decode, a batch the axes do not divide) every expert shard sees the
-    tokens and adds its experts' share (`_replicated_tokens`). `mlp`-split experts give partial sums, summed
-    over the tensor axes. Each shard runs `impl` ("auto" by the mesh's platform) on its own experts only
-    (int8 ones with their per-channel `scales`, split like the weights' output channels).
+    Tokens split (by batch or sequence) over every expert axis are exchanged (`_exchange_tokens`: each
+    assignment travels to its expert's shard and back); otherwise (decode, a batch the axes do not divide)
+    every expert shard sees the tokens and adds its experts' share (`_replicated_tokens`). `mlp`-split experts
+    give partial sums, summed over the tensor axes. Each shard runs `impl` ("auto" by the mesh's platform) on
+    its own experts only (int8 ones with their per-channel `scales`, split like the weights' output channels).
     """
     mesh = current_mesh() if mesh is None else mesh
     if mesh is None:
