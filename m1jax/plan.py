@@ -161,11 +161,12 @@ def per_chip_bytes(config, mode: str, batch: int, context: int, mesh_shape: dict
     return totals
 
 
-def _batch_shards(config, batch: int, mesh_shape: dict[str, int]) -> int:
+def _token_shards(batch: int, length: int, mesh_shape: dict[str, int]) -> int:
+    """Into how many pieces the rules split the tokens of a `[batch, length]` activation (batch and sequence)."""
     from m1jax.sharding import logical_to_spec
 
-    spec = logical_to_spec(("batch",), (batch,), abstract_mesh(mesh_shape))[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    spec = logical_to_spec(("batch", "seq"), (batch, length), abstract_mesh(mesh_shape))
+    axes = [a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
     return math.prod(mesh_shape.get(a, 1) for a in axes)
 
 
@@ -197,7 +198,7 @@ def estimate(config, topo: Topology, mode: str, batch: int, context: int, mesh_s
     h, hd, layers = config.num_attention_heads, config.head_dim, config.num_hidden_layers
     counts = config.param_counts()
     tokens = batch * (1 if mode == "decode" else (chunk or context) if mode == "prefill" else context)
-    shards = _batch_shards(config, batch, mesh_shape)
+    shards = _token_shards(batch, tokens // batch, mesh_shape)
     tensor, expert, fsdp = (mesh_shape.get(a, 1) for a in ("tensor", "expert", "fsdp"))
     local_tokens = tokens / shards
     # FLOPs: 2 per active parameter per token, the LM head, softmax attention over the visible keys
