@@ -4,7 +4,7 @@ Each m1jax parameter is described once by a `ParamSpec`: its path in the NNX sta
 logical axes, the HF tensors it comes from, and two pure transforms:
 
 * `view(sources)` — a lazy view of the JAX parameter over the (memory-mapped) HF tensors: transposes and
-  axis splits of an `[out, in]` PyTorch weight are numpy views, and expert stacks are `ExpertStack`s, so
+  axis splits of an `[out, in]` PyTorch weight are numpy views, and expert stacks are `LazyStack`s, so
   slicing reads only the requested region (no full host copy of a parameter).
 * `to_hf(array)` — the HF tensors (original layout) of a JAX parameter, for export; `hf_tensors(read)` yields
   them reading only what each needs (an original-layout expert stack, `stacked=True`, one expert at a time).
@@ -30,8 +30,9 @@ TRANSFORMERS = "transformers"
 IGNORED_SUFFIXES = (".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay", ".rotary_emb.inv_freq")
 
 
-class ExpertStack:
-    """Lazy `[E, ...]` stack of per-expert views; indexing materialises only the selected region."""
+class LazyStack:
+    """Lazy `[N, ...]` stack of views (the experts of a layer, the layers of a scanned model's group axis);
+    indexing materialises only the selected region."""
 
     def __init__(self, views: Sequence):
         self.views = list(views)
@@ -156,7 +157,7 @@ def param_specs(config: ModelConfig, layout: str = ORIGINAL) -> list[ParamSpec]:
         if layout == ORIGINAL:
             for w, shape, src in (("w1", (e, d, f), (f, d)), ("w3", (e, d, f), (f, d)), ("w2", (e, f, d), (d, f))):
                 specs.append(ParamSpec((*m, w), shape, w_names[w], (src,) * e,
-                                       lambda s: ExpertStack([x.T for x in s]),
+                                       lambda s: LazyStack([x.T for x in s]),
                                        lambda a, names=w_names[w]: experts_to_hf(a, names), stacked=True))
         else:
             gu, dn = f"{p}.mlp.experts.gate_up_proj", f"{p}.mlp.experts.down_proj"

@@ -50,15 +50,18 @@ def parse_size(text: str | int) -> int:
 
 
 class _JaxArrayView:
-    """Numpy-indexable view of a (possibly sharded) jax array: `view[index]` fetches only that region."""
+    """Numpy-indexable view of a (possibly sharded) jax array, or of its slice `array[group]` (one layer of a
+    scanned model's stack): `view[index]` fetches only that region."""
 
-    def __init__(self, array):
+    def __init__(self, array, group: int | None = None):
         self.array = array
         self.dtype = array.dtype
-        self.shape = tuple(array.shape)
+        self.group = group
+        self.shape = tuple(array.shape if group is None else array.shape[1:])
 
     def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self.array[index])
+        index = index if isinstance(index, tuple) else (index,)
+        return np.asarray(self.array[index if self.group is None else (self.group, *index)])
 
 
 def plan_shards(entries: list[tuple[str, np.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
@@ -149,9 +152,12 @@ def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,
     """
     from flax import nnx
 
-    flat = dequantize_views({path: _JaxArrayView(var.get_value())
-                             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))},
-                            NUMPY_DTYPES[canonical_dtype(dtype or model.config.param_dtype)])
+    from m1jax.layer_stack import per_layer_arrays
+
+    arrays = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    views = {path: v if isinstance(v, _JaxArrayView) else _JaxArrayView(v)
+             for path, v in per_layer_arrays(model.config, arrays, take=_JaxArrayView).items()}
+    flat = dequantize_views(views, NUMPY_DTYPES[canonical_dtype(dtype or model.config.param_dtype)])
 
     def view_of(spec: ParamSpec):
         if spec.path not in flat:

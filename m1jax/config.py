@@ -32,6 +32,8 @@ MOE_IMPLS = ("auto", "ragged", "tiled", "gather", "switch", "dense")
 INT8_EXPERTS = "int8-experts"
 QUANTIZE_MODES = (None, INT8_EXPERTS)  # m1jax.quantize implements them
 MOE_PARALLEL = ("auto", "off")
+SCAN_LAYERS = ("auto", True, False)
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
 RC_DEFAULT_BLOCK_SIZE = 256
 
@@ -120,6 +122,8 @@ class ModelConfig:
     moe_impl: str = "auto"  # "ragged" | "tiled" | "gather" | "switch" | "dense" | "auto"
     quantize: str | None = None  # None | "int8-experts" (routed experts' w1/w3/w2 int8 + per-channel scales)
     moe_parallel: str = "auto"  # "auto": expert-parallel shard_map under a mesh with expert/tensor axes | "off"
+    scan_layers: str | bool = "auto"  # True: one scan over groups of `layer_period` layers; "auto": if > 1 group
+    remat: str = "none"  # per scanned group (per layer unrolled): "none" | "full" | "save_dots" | "offload"
 
     # --- provenance, for a lossless write-back ---
     hf_spelling: Literal["remote_code", "transformers"] = "remote_code"
@@ -146,6 +150,21 @@ class ModelConfig:
     @property
     def softmax_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == SOFTMAX)
+
+    @property
+    def layer_period(self) -> int:
+        """The smallest P dividing the layer count with `layer_types[i] == layer_types[i mod P]` (M1: 8)."""
+        n = self.num_hidden_layers
+        return next(p for p in range(1, n + 1) if n % p == 0 and self.layer_types == self.layer_types[:p] * (n // p))
+
+    @property
+    def scan_groups(self) -> int:
+        """How many groups of `layer_period` layers one `lax.scan` runs over; 0 means the layers are unrolled.
+        `scan_layers="auto"` scans when the pattern repeats at least twice."""
+        groups = self.num_hidden_layers // self.layer_period
+        if self.scan_layers is True or (self.scan_layers == "auto" and groups > 1):
+            return groups
+        return 0
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -204,6 +223,9 @@ class ModelConfig:
         need(self.quantize in QUANTIZE_MODES, "quantize", f"must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
         need(self.moe_parallel in MOE_PARALLEL, "moe_parallel",
              f"must be one of {MOE_PARALLEL}, got {self.moe_parallel!r}")
+        need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto", "scan_layers",
+             f"must be one of {SCAN_LAYERS}, got {self.scan_layers!r}")
+        need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
         need(self.hf_spelling in ("remote_code", "transformers"), "hf_spelling",
              f"must be 'remote_code' or 'transformers', got {self.hf_spelling!r}")
         if self.tie_word_embeddings:
@@ -213,7 +235,8 @@ class ModelConfig:
     # ------------------------------------------------------------ HF read/write
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **runtime) -> ModelConfig:
-        """Parse an HF `config.json` dict (either spelling); `runtime` sets dtype/param_dtype/*_impl/quantize."""
+        """Parse an HF `config.json` dict (either spelling); `runtime` sets dtype/param_dtype/*_impl/quantize/
+        scan_layers/remat."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
         spelling = "transformers" if ("layer_types" in d and "attn_type_list" not in d) else "remote_code"
@@ -266,7 +289,8 @@ class ModelConfig:
         for name in ("lightning_norm_eps",):
             if name in runtime:
                 kw[name] = runtime.pop(name)
-        unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl", "quantize", "moe_parallel"}
+        unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl", "quantize", "moe_parallel",
+                                  "scan_layers", "remat"}
         if unknown:
             raise TypeError(f"unknown runtime option(s): {sorted(unknown)}")
         try:

@@ -418,19 +418,13 @@ def grow_cache(cache: Cache, needed: int) -> Cache:
         return cache
     new_len = _round_up(needed, CACHE_ALIGN)
     extra = new_len - cache.max_len
-
-    def grow(x):
-        return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
-
-    layers = tuple(tuple(grow(t) for t in layer) if isinstance(layer, tuple) else layer for layer in cache.layers)
-    return Cache(layers=layers, valid_BxS=grow(cache.valid_BxS), length=cache.length)
+    return cache.map_slots(lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)]))
 
 
 def trim_cache(cache: Cache) -> Cache:
     """The cache cut to its written slots (what a saved state needs)."""
     n = int(cache.length)
-    layers = tuple(tuple(t[:, :n] for t in layer) if isinstance(layer, tuple) else layer for layer in cache.layers)
-    return Cache(layers=layers, valid_BxS=cache.valid_BxS[:, :n], length=cache.length)
+    return cache.map_slots(lambda x, axis: jax.lax.slice_in_dim(x, 0, n, axis=axis))
 
 
 # ------------------------------------------------------------------------------------- save / resume
@@ -449,7 +443,7 @@ def save_state(state: EngineState, path: str | os.PathLike, *, metadata: dict | 
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp / "arrays", jax.tree.map(np.asarray, _state_tree(trimmed)))
     ckptr.wait_until_finished()
-    layout = ["state" if not isinstance(layer, tuple) else "kv" for layer in trimmed.cache.layers]
+    layout = ["state" if not isinstance(layer, tuple) else "kv" for layer in trimmed.cache.per_layer()]
     (tmp / STATE_MARKER).write_text(json.dumps({"format": 1, "layers": layout, "metadata": metadata or {}}))
     os.replace(tmp, path)
 
@@ -469,15 +463,15 @@ def load_state(path: str | os.PathLike, config: ModelConfig) -> EngineState:
     tree = ocp.StandardCheckpointer().restore(path / "arrays")
     layers = tuple(tuple(jnp.asarray(x) for x in tree["layers"][str(i)]) if kind == "kv"
                    else jnp.asarray(tree["layers"][str(i)]) for i, kind in enumerate(layout))
-    cache = Cache(layers=layers, valid_BxS=jnp.asarray(tree["valid_BxS"]),
-                  length=jnp.asarray(tree["length"], jnp.int32))
+    cache = Cache.from_per_layer(layers, jnp.asarray(tree["valid_BxS"]), jnp.asarray(tree["length"], jnp.int32),
+                                 groups=config.scan_groups)
     return EngineState(cache=cache, positions_B=jnp.asarray(tree["positions_B"], jnp.int32),
                        next_logits_BxV=jnp.asarray(tree["next_logits_BxV"], jnp.float32))
 
 
 def _state_tree(state: EngineState) -> dict:
     layers = {str(i): (list(layer) if isinstance(layer, tuple) else layer) for i, layer in
-              enumerate(state.cache.layers)}
+              enumerate(state.cache.per_layer())}
     return {"layers": layers, "valid_BxS": state.cache.valid_BxS, "length": state.cache.length,
             "positions_B": state.positions_B, "next_logits_BxV": state.next_logits_BxV}
 

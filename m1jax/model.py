@@ -4,6 +4,9 @@
 
 Parameter names follow the original checkpoint (`embed_tokens`, `layers[l].self_attn.qkv_proj`,
 `layers[l].block_sparse_moe.w1`, `norm`, `lm_head`, ...) with JAX layouts (`[in, out]`, heads split out).
+When `config.scan_groups` > 0 the layers are held stacked per position of the layer period and run as one
+`lax.scan` over the groups (`m1jax.layer_stack`: `stacked_layers[p]`, layer i = g·P + p); `layer(i)` reads one
+layer either way.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from m1jax.cache import Cache
+from m1jax.cache import Cache, unstack_groups
 from m1jax.config import LIGHTNING, ModelConfig
+from m1jax.layer_stack import remat, scan_layers, stacked_layer
 from m1jax.modules.decoder import DecoderLayer
 from m1jax.modules.norm import rms_norm
 from m1jax.modules.rope import rope_tables
@@ -45,7 +49,10 @@ class MiniMaxM1(nnx.Module):
         v, d = config.vocab_size, config.hidden_size
         std = config.initializer_range
         self.embed_tokens = param(rngs, (v, d), ("vocab", "embed"), config.param_dtype, std=std)
-        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
+        if config.scan_groups:
+            self.stacked_layers = nnx.List([stacked_layer(config, p, rngs) for p in range(config.layer_period)])
+        else:
+            self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.norm = param(rngs, (d,), ("embed",), config.param_dtype, init="ones")
         self.lm_head = param(rngs, (d, v), ("embed", "vocab"), config.param_dtype, std=std)
 
@@ -74,6 +81,9 @@ class MiniMaxM1(nnx.Module):
         if cache is not None:
             if cache.batch_size != b:
                 raise ValueError(f"cache holds {cache.batch_size} sequences, tokens have batch {b}")
+            if cache.groups != c.scan_groups:
+                raise ValueError(f"cache is laid out for {cache.groups} scanned layer groups, the model has "
+                                 f"{c.scan_groups} (make it with init_cache of this model's config)")
             start = cache.length
             ctx["cache_start"] = start
             ctx["cache_valid_BxS"] = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxL, start, axis=1)
@@ -85,14 +95,21 @@ class MiniMaxM1(nnx.Module):
         ctx["cos"], ctx["sin"] = rope_tables(positions_BxL, c.rope_dim, c.rope_theta)
 
         h = constrain(self.embed_tokens[...][tokens_BxL].astype(dt), HIDDEN_AXES)
-        new_layers, states, routing = [], [], []
-        for i, layer in enumerate(self.layers):
-            h, layer_cache, stats = layer(h, ctx=ctx, layer_cache=None if cache is None else cache.layers[i])
-            h = constrain(h, HIDDEN_AXES)
-            new_layers.append(layer_cache)
-            if c.layer_types[i] == LIGHTNING:
-                states.append(layer_cache)
-            routing.append(stats)
+        layer_caches = None if cache is None else cache.layers
+        if c.scan_groups:
+            h, (new_layers, stats) = scan_layers(self.stacked_layers, h, ctx=ctx, caches=layer_caches, config=c,
+                                                hidden_axes=HIDDEN_AXES)
+            per_layer, routing = unstack_groups(new_layers, c.scan_groups), unstack_groups(stats, c.scan_groups)
+        else:
+            per_layer, routing = [], []
+            for i, layer in enumerate(self.layers):
+                h, layer_cache, layer_stats = _apply_layer(layer, h, ctx, None if cache is None else layer_caches[i],
+                                                           c.remat)
+                h = constrain(h, HIDDEN_AXES)
+                per_layer.append(layer_cache)
+                routing.append(layer_stats)
+            new_layers = tuple(per_layer)
+        states = [per_layer[i] for i in c.lightning_layers]
         h = rms_norm(h, self.norm[...], c.rms_norm_eps)
         out_logits = None
         if logits != "none":
@@ -100,11 +117,35 @@ class MiniMaxM1(nnx.Module):
             out_logits = self.lm_head_logits(hl)
         new_cache = None
         if cache is not None:
-            new_cache = Cache(layers=tuple(new_layers), valid_BxS=ctx["cache_valid_BxS"], length=cache.length + l)
+            new_cache = cache.replace(layers=tuple(new_layers), valid_BxS=ctx["cache_valid_BxS"],
+                                      length=cache.length + l)
         return ModelOutput(logits=out_logits, hidden=h, cache=new_cache, lightning_states=tuple(states),
                            routing=tuple(routing) if return_routing else None)
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer `i` (for a scanned model: a copy of its slice of the stacked parameters)."""
+        c = self.config
+        if not 0 <= i < c.num_hidden_layers:
+            raise IndexError(f"layer {i} out of range: the model has {c.num_hidden_layers} layers")
+        if not c.scan_groups:
+            return self.layers[i]
+        graphdef, state = nnx.split(self.stacked_layers[i % c.layer_period])
+        state = jax.tree.map(lambda x: x[i // c.layer_period], state)
+        for _, var in nnx.to_flat_state(state):
+            var.set_metadata(logical_axes=var.get_metadata()["logical_axes"][1:])
+        layer = nnx.merge(graphdef, state)
+        layer.layer_idx = layer.self_attn.layer_idx = i
+        return layer
 
     def lm_head_logits(self, h_BxLxD: jax.Array) -> jax.Array:
         """fp32 LM head: logits = h·W_lm with both operands in fp32 (tech report §3.2)."""
         h = dot_boundary(h_BxLxD.astype(jnp.float32))
         return dot_boundary(linear(h, self.lm_head[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST))
+
+
+def _apply_layer(layer: DecoderLayer, h, ctx, layer_cache, policy: str):
+    """One unrolled layer, under `jax.checkpoint` with the remat `policy` unless it is "none"."""
+    if policy == "none":
+        return layer(h, ctx=ctx, layer_cache=layer_cache)
+    graphdef, state = nnx.split(layer)
+    return remat(lambda st, x, lc: nnx.merge(graphdef, st)(x, ctx=ctx, layer_cache=lc), policy)(state, h, layer_cache)

@@ -31,6 +31,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "router_experts": None,
     "state_k": None,
     "state_v": None,
+    "layers": None,  # the group axis of a scanned model's stacked layer parameters
 }
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")

@@ -35,13 +35,16 @@ from convert.m1jax_checkpoint import JOURNAL, MARKER, M1jaxCheckpoint
 from convert.m1jax_to_hf import export_checkpoint, export_model, parse_size
 from convert.orbax_store import OrbaxArrayStore
 from m1jax.config import ModelConfig
+from m1jax.layer_stack import per_layer_arrays
 from m1jax.loading import abstract_model, from_pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def flat_params(model) -> dict:
-    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """Parameters by their per-layer checkpoint paths (whether or not the model scans its layers)."""
+    return per_layer_arrays(model.config, {k: np.asarray(v.get_value())
+                                           for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
 
 
 def assert_same_bits(a: np.ndarray, b: np.ndarray, what=""):
@@ -248,14 +251,15 @@ def test_orbax_restores_the_converted_parameters(tmp_path):
     src = write_small(tmp_path / "hf", tiny_dict())
     dst = convert_checkpoint(src, tmp_path / "m1jax", progress=False)
     model = from_pretrained(dst)
-    _, abstract = abstract_model(model.config)
+    per_layer = model.config.replace(scan_layers=False)  # the checkpoint layout: one entry per layer
+    _, abstract = abstract_model(per_layer)
     restored = ocp.StandardCheckpointer().restore(dst / "params", abstract)  # the NNX restore pattern
     expected = flat_params(model)
     for path, var in nnx.to_flat_state(restored):
         assert_same_bits(np.asarray(var.get_value()), expected[path], path)
 
     mesh = make_mesh({"data": 2, "tensor": 4})
-    _, targets = abstract_model(model.config)  # concrete shardings (an AbstractMesh cannot be restored into)
+    _, targets = abstract_model(per_layer)  # concrete shardings (an AbstractMesh cannot be restored into)
     for _, var in nnx.to_flat_state(targets):
         v = var.get_value()
         spec = logical_to_spec(var.get_metadata()["logical_axes"], v.shape, mesh)
@@ -284,7 +288,8 @@ def test_sharded_load_reads_only_each_devices_slice(tmp_path, monkeypatch):
     monkeypatch.setattr(OrbaxArrayStore, "read", spy)
     mesh = make_mesh({"data": 2, "tensor": 4})
     model = from_pretrained(dst, mesh=mesh)
-    sharded = {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sharded = per_layer_arrays(model.config, {k: v.get_value() for k, v in
+                                              nnx.to_flat_state(nnx.state(model, nnx.Param))})
     for path, value in sharded.items():
         assert_same_bits(np.asarray(value), unsharded[path], path)
     for key, path, split_axis in (("lm_head.value", ("lm_head",), 1),

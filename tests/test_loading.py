@@ -46,11 +46,11 @@ def test_zero_based_shards_and_ignored_buffers(tmp_path, config):
     path = write_checkpoint(tmp_path / "ckpt", config, tensors, shards=5)
     model = from_pretrained(path, dtype=jnp.float32)  # JAX dtypes are taken as well as strings
     assert model.config.dtype == "float32"
-    np.testing.assert_array_equal(np.asarray(model.layers[2].block_sparse_moe.w2[...][1]),
+    np.testing.assert_array_equal(np.asarray(model.layer(2).block_sparse_moe.w2[...][1]),
                                   tensors["model.layers.2.block_sparse_moe.experts.1.w2.weight"].T)
     np.testing.assert_array_equal(np.asarray(model.lm_head[...]), tensors["lm_head.weight"].T)
     qkv = tensors["model.layers.0.self_attn.qkv_proj.weight"]  # rows: head h -> [q_h | k_h | v_h]
-    np.testing.assert_array_equal(np.asarray(model.layers[0].self_attn.qkv_proj[...][:, 1, 16:32]), qkv[64:80].T)
+    np.testing.assert_array_equal(np.asarray(model.layer(0).self_attn.qkv_proj[...][:, 1, 16:32]), qkv[64:80].T)
 
 
 def test_router_stays_fp32_in_a_bf16_model(tmp_path, config):
@@ -62,8 +62,8 @@ def test_router_stays_fp32_in_a_bf16_model(tmp_path, config):
             tensors[n] = tensors[n].astype(np.float32)
     model = from_pretrained(write_checkpoint(tmp_path / "ckpt", config, tensors))
     assert model.config.dtype == "bfloat16"
-    assert model.layers[0].block_sparse_moe.gate[...].dtype == np.float32
-    assert model.layers[0].block_sparse_moe.w1[...].dtype == ml_dtypes.bfloat16
+    assert model.layer(0).block_sparse_moe.gate[...].dtype == np.float32
+    assert model.layer(0).block_sparse_moe.w1[...].dtype == ml_dtypes.bfloat16
 
 
 def test_every_problem_is_listed_at_once(tmp_path, config):

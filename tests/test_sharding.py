@@ -32,7 +32,7 @@ def test_sharded_forward_equals_single_device(reference, mesh_shape):
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     views = {path: np.asarray(var.get_value()) for path, var in flat.items()}
     sharded = build_from_views(config, views, mesh=mesh)
-    w1 = sharded.layers[0].block_sparse_moe.w1[...]
+    w1 = sharded.layer(0).block_sparse_moe.w1[...]
     if mesh_shape.get("expert", 1) > 1:
         assert "expert" in w1.sharding.spec[0]
     with jax.set_mesh(mesh):

@@ -2,7 +2,7 @@
 
     g ← g · min(1, c / ‖g‖₂)                                   (clip_by_global_norm, c = max_grad_norm)
     m ← β₁ m + (1 − β₁) g;   v ← β₂ v + (1 − β₂) g²;   m̂, v̂ bias-corrected
-    θ ← θ − η_t (m̂ / (√v̂ + ε) + λ θ)                            (λ only on matrices, ndim ≥ 2)
+    θ ← θ − η_t (m̂ / (√v̂ + ε) + λ θ)                            (λ only on matrices, ndim ≥ 2 per layer)
     η_t = η · (t + 1) / W for t < W;  then η · (r + (1 − r) · ½(1 + cos(π (t − W) / (T − W))))   (r = min_lr_ratio)
 
 Defaults follow the MiniMax-M1 report: β₁ = 0.9, β₂ = 0.95, ε = 1e-15 (its gradients span 1e-18 … 1e-5; the
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from m1jax.layer_stack import is_stacked
 from train.run_config import OptimizerSpec
 
 
@@ -44,7 +45,8 @@ def schedule_horizon(spec: OptimizerSpec, total_steps: int) -> int:
 
 
 def _decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay the matrices: parameters with ≥ 2 axes per layer (a scanned model's group axis not counted)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - is_stacked(path) >= 2, params)
 
 
 def make_optimizer(spec: OptimizerSpec, total_steps: int) -> optax.GradientTransformation:

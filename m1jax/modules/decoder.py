@@ -33,12 +33,13 @@ class DecoderLayer(nnx.Module):
             self.alpha, self.beta = config.full_attn_alpha, config.full_attn_beta
         self.block_sparse_moe = MoE(config, rngs=rngs)
 
-    def __call__(self, h_BxLxD: jax.Array, *, ctx: dict, layer_cache=None):
-        """Returns (h, new layer cache, routing stats). `ctx` holds the per-call inputs shared by all layers."""
+    def __call__(self, h_BxLxD: jax.Array, *, ctx: dict, layer_cache=None, slope_H=None):
+        """Returns (h, new layer cache, routing stats). `ctx` holds the per-call inputs shared by all layers;
+        `slope_H`: a lightning layer's decay rates when not those of `layer_idx` (a scanned group's layer)."""
         c = self.config
         x = rms_norm(h_BxLxD, self.input_layernorm[...], c.rms_norm_eps)
         if self.kind == LIGHTNING:
-            a, new_cache = self.self_attn(x, valid_BxL=ctx["valid_BxL"], state_BxHxDxD=layer_cache)
+            a, new_cache = self.self_attn(x, valid_BxL=ctx["valid_BxL"], state_BxHxDxD=layer_cache, slope_H=slope_H)
         else:
             a, new_cache = self.self_attn(x, cos_BxLxR=ctx["cos"], sin_BxLxR=ctx["sin"], valid_BxL=ctx["valid_BxL"],
                                           kv_cache=layer_cache, cache_start=ctx.get("cache_start"),

@@ -145,9 +145,10 @@ class LightningAttention(nnx.Module):
         return layer_slopes(c.num_attention_heads, self.layer_idx, c.num_hidden_layers)
 
     def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None,
-                 state_BxHxDxD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 state_BxHxDxD: jax.Array | None = None, slope_H: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """Returns (y `[B, L, D_model]`, final state `[B, H, D, D]` fp32); `state_BxHxDxD` is the state before
-        the first token (None: zeros). Padding (`valid_BxL` False) must precede each row's real tokens within
+        the first token (None: zeros); `slope_H` the decay rates (None: those of `layer_idx`). Padding (`valid_BxL` False) must precede each row's real tokens within
         the call; it never changes the state (its k, v are zeroed and the carried state skips it)."""
         c = self.config
         dt = DTYPE[c.dtype]
@@ -159,7 +160,7 @@ class LightningAttention(nnx.Module):
             keep = valid_BxL[:, :, None, None]
             k = jnp.where(keep, k, 0).astype(dt)
             v = jnp.where(keep, v, 0).astype(dt)
-        slope_H = jnp.asarray(self.slopes)
+        slope_H = jnp.asarray(self.slopes if slope_H is None else slope_H)
         if x_BxLxD.shape[1] == 1 and state_BxHxDxD is not None:
             o, state = per_shard(lambda *a: lightning_decode(*a, impl=c.lightning_impl), c.lightning_impl,
                                  (q[:, 0], TOKEN_AXES), (k[:, 0], TOKEN_AXES), (v[:, 0], TOKEN_AXES),

@@ -435,8 +435,11 @@ def unstack_experts(params: nnx.State) -> nnx.State:
     then writes and re-reads each chosen expert, ≈ 0.15 ms per 2 MB matrix here), but reads a tuple element
     where it lies. The tuple is a second copy of the expert weights in memory.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: tuple(v[e] for e in range(v.shape[0])) if _is_expert_weight(path) else v, params)
+    def split(v):  # the expert axis is third from last (after a scanned model's group axis)
+        axis = v.ndim - 3
+        return tuple(jax.lax.index_in_dim(v, e, axis, keepdims=False) for e in range(v.shape[axis]))
+
+    return jax.tree_util.tree_map_with_path(lambda path, v: split(v) if _is_expert_weight(path) else v, params)
 
 
 def expert_weight_bytes(params: nnx.State) -> int:
