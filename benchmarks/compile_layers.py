@@ -31,8 +31,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from m1jax.config import REMAT_POLICIES, ModelConfig  # noqa: E402
-from m1jax.loading import abstract_model  # noqa: E402
-from m1jax.sharding import make_mesh, named_sharding  # noqa: E402
+from m1jax.loading import abstract_sharded_model  # noqa: E402
+from m1jax.sharding import make_mesh  # noqa: E402
 from m1jax.topology import topology_devices  # noqa: E402
 
 GB = 1e9
@@ -45,17 +45,8 @@ def m1_config(layers: int, scan: bool, remat: str = "none") -> ModelConfig:
                         remat=remat)
 
 
-def abstract_params(config: ModelConfig, mesh):
-    graphdef, state = abstract_model(config)
-    for _, var in nnx.to_flat_state(state):
-        v = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                           sharding=named_sharding(var.get_metadata()["logical_axes"], v.shape, mesh)))
-    return graphdef, state
-
-
 def compile_once(config: ModelConfig, mesh, batch: int, seq: int, backward: bool):
-    graphdef, state = abstract_params(config, mesh)
+    graphdef, state = abstract_sharded_model(config, mesh)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", None)))
 
     def forward(params, t):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from m1jax.cache import Cache, unstack_groups
-from m1jax.config import LIGHTNING, ModelConfig
+from m1jax.config import ModelConfig
 from m1jax.layer_stack import remat, scan_layers, stacked_layer
 from m1jax.modules.decoder import DecoderLayer
 from m1jax.modules.norm import rms_norm

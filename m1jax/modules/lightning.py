@@ -148,8 +148,9 @@ class LightningAttention(nnx.Module):
                  state_BxHxDxD: jax.Array | None = None, slope_H: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array]:
         """Returns (y `[B, L, D_model]`, final state `[B, H, D, D]` fp32); `state_BxHxDxD` is the state before
-        the first token (None: zeros); `slope_H` the decay rates (None: those of `layer_idx`). Padding (`valid_BxL` False) must precede each row's real tokens within
-        the call; it never changes the state (its k, v are zeroed and the carried state skips it)."""
+        the first token (None: zeros); `slope_H` the decay rates (None: those of `layer_idx`). Padding
+        (`valid_BxL` False) must precede each row's real tokens within the call; it never changes the state (its
+        k, v are zeroed and the carried state skips it)."""
         c = self.config
         dt = DTYPE[c.dtype]
         hd = c.head_dim

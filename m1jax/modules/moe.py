@@ -437,7 +437,7 @@ def unstack_experts(params: nnx.State) -> nnx.State:
     """
     def split(v):  # the expert axis is third from last (after a scanned model's group axis)
         axis = v.ndim - 3
-        return tuple(jax.lax.index_in_dim(v, e, axis, keepdims=False) for e in range(v.shape[axis]))
+        return tuple(v[(slice(None),) * axis + (e,)] for e in range(v.shape[axis]))
 
     return jax.tree_util.tree_map_with_path(lambda path, v: split(v) if _is_expert_weight(path) else v, params)
 
