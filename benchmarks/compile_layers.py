@@ -2,7 +2,8 @@
 
 For each layer count: compile seconds (lower + compile), program code size
 (`memory_analysis().generated_code_size_in_bytes`), temporaries and arguments per chip, for the bf16 forward
-over `--batch` × `--seq` tokens on a v5p slice (fsdp × tensor mesh). With `--backward N`: the temporaries of
+over `--batch` × `--seq` tokens on a v5p slice (fsdp × tensor mesh); "CPU s" is the process CPU time of the
+compile (all threads), steadier than wall seconds on a shared machine. With `--backward N`: the temporaries of
 `jax.grad` of an N-layer model under each remat policy. Nothing is allocated; libtpu compiles for TPU here.
 
     JAX_PLATFORMS=cpu TPU_ACCELERATOR_TYPE=v5p-8 TPU_WORKER_HOSTNAMES=localhost TPU_SKIP_MDS_QUERY=1 \\
@@ -56,12 +57,12 @@ def compile_once(config: ModelConfig, mesh, batch: int, seq: int, backward: bool
         return jnp.mean(nnx.merge(graphdef, params)(t, logits="last").logits)
 
     fn = jax.grad(loss) if backward else forward
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with jax.set_mesh(mesh):
         compiled = jax.jit(fn).lower(state, tokens).compile()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     mem = compiled.memory_analysis()
-    row = {"compile_s": seconds, "code_gb": mem.generated_code_size_in_bytes / GB,
+    row = {"compile_s": seconds, "cpu_s": cpu_seconds, "code_gb": mem.generated_code_size_in_bytes / GB,
            "temp_gb": mem.temp_size_in_bytes / GB, "args_gb": mem.argument_size_in_bytes / GB,
            "host_temp_gb": getattr(mem, "host_temp_size_in_bytes", 0) / GB}
     del compiled
@@ -86,11 +87,12 @@ def main():
     shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
     mesh = make_mesh(shape, devices=topology_devices(args.topology))
     print(f"# {args.topology}, mesh {shape}, bf16, tokens {args.batch}x{args.seq}, jax {jax.__version__}")
-    print(f"{'pass':9} {'layers':>6} {'layout':9} {'remat':9} {'compile s':>9} {'code GB':>8} {'temp GB':>8} "
+    print(f"{'pass':9} {'layers':>6} {'layout':9} {'remat':9} {'compile s':>9} {'CPU s':>7} {'code GB':>8} "
+          f"{'temp GB':>8} "
           f"{'host GB':>8} {'args GB':>8}")
 
     def show(kind, layers, layout, remat, r):
-        print(f"{kind:9} {layers:>6} {layout:9} {remat:9} {r['compile_s']:9.1f} {r['code_gb']:8.3f} "
+        print(f"{kind:9} {layers:>6} {layout:9} {remat:9} {r['compile_s']:9.1f} {r['cpu_s']:7.1f} {r['code_gb']:8.3f} "
               f"{r['temp_gb']:8.2f} {r['host_temp_gb']:8.2f} {r['args_gb']:8.2f}", flush=True)
 
     for layers in args.layers:
