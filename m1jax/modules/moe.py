@@ -435,11 +435,13 @@ def unstack_experts(params: nnx.State) -> nnx.State:
     then writes and re-reads each chosen expert, ≈ 0.15 ms per 2 MB matrix here), but reads a tuple element
     where it lies. The tuple is a second copy of the expert weights in memory.
     """
-    def split(v):  # the expert axis is third from last (after a scanned model's group axis)
-        axis = v.ndim - 3
+    from m1jax.layer_stack import is_stacked
+
+    def split(path, v):  # the expert axis follows a scanned model's group axis
+        axis = int(is_stacked(path))
         return tuple(v[(slice(None),) * axis + (e,)] for e in range(v.shape[axis]))
 
-    return jax.tree_util.tree_map_with_path(lambda path, v: split(v) if _is_expert_weight(path) else v, params)
+    return jax.tree_util.tree_map_with_path(lambda path, v: split(path, v) if _is_expert_weight(path) else v, params)
 
 
 def expert_weight_bytes(params: nnx.State) -> int:
