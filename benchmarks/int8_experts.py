@@ -209,7 +209,9 @@ def compile_tpu(args) -> None:
                                              quantize=quantize)
 
             def impl(tokens, c=config):
-                """What "auto" picks on TPU (a deviceless process reports the cpu backend)."""
+                """"tpu": what "auto" picks on TPU for the whole expert stack (a deviceless process reports the cpu
+                backend); "auto" under an expert/tensor mesh: the expert-parallel MoE picks per shard by the
+                mesh's platform."""
                 if args.moe_impl != "tpu":
                     return c.replace(moe_impl=args.moe_impl)
                 small = tokens * c.num_experts_per_tok <= c.num_local_experts
