@@ -58,28 +58,29 @@ def scale_name(weight: str) -> str:
 
 
 class QuantizedView:
-    """Lazy int8 view (`part="q"`, shape `[E, K, N]`) or scale view (`part="scale"`, `[E, N]`) over a lazy float
-    view of an expert stack `[E, K, N]`. A region is quantized from the full K extent of its (experts, columns),
-    one expert at a time, so a device reading its shard never holds more than one expert's columns in fp32."""
+    """Lazy int8 view (`part="q"`, shape `[..., E, K, N]`) or scale view (`part="scale"`, `[..., E, N]`) over a
+    lazy float view of an expert stack `[..., E, K, N]` (leading axes: a scanned model's layer groups). A region
+    is quantized from the full K extent of its columns, one expert at a time, so a device reading its shard
+    never holds more than one expert's columns in fp32."""
 
     def __init__(self, dense, part: str):
         if part not in ("q", "scale"):
             raise ValueError(f"part must be 'q' or 'scale', got {part!r}")
         self.dense, self.part = dense, part
-        e, k, n = dense.shape
-        self.shape = (e, k, n) if part == "q" else (e, n)
+        shape = tuple(dense.shape)
+        self.shape = shape if part == "q" else (*shape[:-2], shape[-1])
         self.dtype = np.dtype(np.int8) if part == "q" else np.dtype(np.float32)
 
     def __getitem__(self, index):
-        index = _normalize(index, len(self.shape))
-        full, squeeze = _as_slices(index)
-        cols, rows = full[-1], (full[1] if self.part == "q" else slice(None))
-        parts = []
-        for x in range(self.shape[0])[full[0]]:
-            q, s = quantize_int8(np.asarray(self.dense[x, :, cols]))
-            parts.append(q[rows] if self.part == "q" else s)
-        shape = np.empty(self.shape[1:], np.uint8)[full[1:]].shape
-        out = np.stack(parts) if parts else np.empty((0, *shape), self.dtype)
+        full, squeeze = _as_slices(_normalize(index, len(self.shape)))
+        lead = len(self.dense.shape) - 2
+        cols, rows = full[-1], (full[lead] if self.part == "q" else slice(None))
+        out = np.empty(np.empty(self.shape, np.uint8)[full].shape, self.dtype)
+        ranges = [range(n)[i] for n, i in zip(self.dense.shape[:lead], full[:lead], strict=True)]
+        for at in np.ndindex(*(len(r) for r in ranges)):
+            q, scale = quantize_int8(np.asarray(self.dense[(*(r[i] for r, i in zip(ranges, at, strict=True)),
+                                                            slice(None), cols)]))
+            out[at] = q[rows] if self.part == "q" else scale
         return out[squeeze]
 
     def __array__(self, dtype=None, copy=None):
@@ -88,7 +89,7 @@ class QuantizedView:
 
 
 class DequantizedView:
-    """Lazy view q·s (in `dtype`) of an int8 expert stack `[E, K, N]` and its scales `[E, N]` (for export)."""
+    """Lazy view q·s (in `dtype`) of an int8 expert stack `[..., E, K, N]` and its scales `[..., E, N]`."""
 
     def __init__(self, q, scale, dtype=np.float32):
         self.q, self.scale = q, scale
@@ -96,8 +97,8 @@ class DequantizedView:
         self.dtype = np.dtype(dtype)
 
     def __getitem__(self, index):
-        full, squeeze = _as_slices(_normalize(index, 3))
-        return dequantize_int8(np.asarray(self.q[full]), np.asarray(self.scale[full[0], full[2]]),
+        full, squeeze = _as_slices(_normalize(index, len(self.shape)))
+        return dequantize_int8(np.asarray(self.q[full]), np.asarray(self.scale[(*full[:-2], full[-1])]),
                                self.dtype)[squeeze]
 
     def __array__(self, dtype=None, copy=None):

@@ -93,6 +93,12 @@ def test_lazy_views_quantize_any_region_like_the_whole():
         np.testing.assert_array_equal(qv[index], q[index])
     for index in [(slice(1, 3), slice(5, 10)), (3,), (slice(None),)]:
         np.testing.assert_array_equal(sv[index], s[index])
+    w4 = np.random.default_rng(3).standard_normal((2, 3, 8, 5)).astype(np.float32)  # a scanned model's [G, E, K, N]
+    q4, s4 = quantize_int8(w4)
+    for index in [(1, slice(1, 3), slice(2, 6)), (0, 2), (Ellipsis, 4)]:
+        np.testing.assert_array_equal(QuantizedView(w4, "q")[index], q4[index])
+    np.testing.assert_array_equal(QuantizedView(w4, "scale")[1, 1:3, 2:4], s4[1, 1:3, 2:4])
+    np.testing.assert_array_equal(DequantizedView(q4, s4)[1, 2, :, 1:3], dequantize_int8(q4, s4)[1, 2, :, 1:3])
     dv = DequantizedView(q, s)
     np.testing.assert_array_equal(dv[1, :, 2:4], dequantize_int8(q, s)[1, :, 2:4])
     np.testing.assert_array_equal(np.asarray(dv), dequantize_int8(q, s))
@@ -197,6 +203,16 @@ def test_expert_memory_is_half_of_bf16(tiny_models):
     d, f = fp32.config.hidden_size, fp32.config.intermediate_size
     assert ratio == pytest.approx(0.5 + (2 * f + d) * 4 / (3 * d * f * 2), rel=1e-9)  # int8 + fp32 scales
     assert 0.5 < ratio < 0.56
+
+
+def test_scanned_int8_model_equals_the_dequantized_model():
+    config = tiny_config().replace(scan_layers=True, num_hidden_layers=4,
+                                   layer_types=("linear_attention", "full_attention") * 2)
+    model_q = quantized_copy(MiniMaxM1(config, rngs=nnx.Rngs(1)))  # stacked [G, E, K, N] views quantized
+    assert ("stacked_layers", 1, "block_sparse_moe", "w2_scale") in flat(model_q)
+    tokens = jnp.asarray(TOKENS[:, :8])
+    want = logits_of(dequantized_copy(model_q), tokens)
+    np.testing.assert_allclose(logits_of(model_q, tokens), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
 @pytest.mark.slow
