@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.experimental import io_callback
+from jax.experimental import io_callback, multihost_utils
 
 from m1jax.cache import Cache, cache_shardings, init_cache
 from m1jax.config import ModelConfig
@@ -162,6 +162,14 @@ def _decode_loop(graphdef, use_hook: bool, params, state: EngineState, sp: dict,
     return (toks, lps, slps, n_gen, reason), EngineState(cache=cache, positions_B=pos, next_logits_BxV=logits)
 
 
+def to_host(x) -> np.ndarray:
+    """`x` as a numpy array on this host. A global array with shards on other processes (multi-host) is
+    all-gathered first (`process_allgather`: every process must make the same call, as SPMD code does)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def available_memory_bytes() -> int:
     """Physical memory the OS reports available now (`MemAvailable`; free pages where /proc is absent)."""
     try:
@@ -243,7 +251,7 @@ class Engine:
         if state is not None and state.batch_size != b:
             raise GenerationError(f"the state holds {state.batch_size} sequences, got {b} continuations")
         lens = np.array([len(r) for r in rows])
-        start_pos = np.zeros(b, np.int64) if state is None else np.asarray(state.positions_B)
+        start_pos = np.zeros(b, np.int64) if state is None else to_host(state.positions_B)
         too_long = np.nonzero(start_pos + lens > self.max_len)[0]
         if too_long.size:
             i = int(too_long[0])
@@ -265,7 +273,7 @@ class Engine:
                                rules=self.rules)
             logits = jnp.zeros((b, self.config.vocab_size), jnp.float32)
         else:
-            cache = self._place(grow_cache(state.cache, int(state.cache.length) + padded + reserve))
+            cache = self._place(grow_cache(state.cache, int(to_host(state.cache.length)) + padded + reserve))
             if not consume_state:
                 cache = _fresh(cache, state.cache)
             logits = state.next_logits_BxV
@@ -283,9 +291,10 @@ class Engine:
         """The parameters the decode loop reads: on CPU, when `batch`·k assignments make the MoE branch per
         expert (`experts_switch`, see `choose_impl`), a per-expert copy of the expert weights made once per
         engine (`unstack_experts`: no slice copies per step, at the price of the expert weights' memory once
-        more) — unless that copy would take more than a quarter of the memory available now."""
+        more) — unless that copy would take more than a quarter of the memory available now. Not with several
+        processes: each host's free memory would decide for it, and every process must run the same programs."""
         c = self.config
-        if (not self.unstack_experts or jax.default_backend() != "cpu"
+        if (not self.unstack_experts or jax.default_backend() != "cpu" or jax.process_count() > 1
                 or choose_impl(c.moe_impl, batch * c.num_experts_per_tok, c.num_local_experts) != "switch"):
             return self.params
         if self._unstacked is None:
@@ -309,11 +318,11 @@ class Engine:
         if len(params) != b or not all(isinstance(p, SamplingParams) for p in params):
             raise GenerationError(f"need one SamplingParams or {b} of them")
         max_new = max(p.max_new_tokens for p in params)
-        room = int(np.max(np.asarray(state.positions_B))) + max_new
+        room = int(np.max(to_host(state.positions_B))) + max_new
         if room > self.max_len:
             raise GenerationError(f"prompt + max_new_tokens = {room} positions exceeds the configured maximum "
                                   f"{self.max_len}")
-        grown = state.replace(cache=self._place(grow_cache(state.cache, int(state.cache.length) + max_new)))
+        grown = state.replace(cache=self._place(grow_cache(state.cache, int(to_host(state.cache.length)) + max_new)))
         state = grown if consume_state else _fresh(grown, state)
         eos = tuple(self.config.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -331,11 +340,10 @@ class Engine:
                 (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
                     self.graphdef, hook is not None, self._decode_params(b), state, sp,
                     jnp.asarray(max_new, jnp.int32), jnp.asarray(hook_id, jnp.int32))
-            toks = np.asarray(toks)  # waits for the loop (and its host callbacks) to finish
+            toks = to_host(toks)  # waits for the loop (and its host callbacks) to finish
         finally:
             _HOOKS.pop(hook_id, None)
-        toks, lps, slps = np.asarray(toks), np.asarray(lps), np.asarray(slps)
-        n_gen, reason = np.asarray(n_gen), np.asarray(reason)
+        lps, slps, n_gen, reason = to_host(lps), to_host(slps), to_host(n_gen), to_host(reason)
         results = []
         for i in range(b):
             n = int(n_gen[i])
