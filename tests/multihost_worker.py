@@ -41,7 +41,7 @@ def result_file(out, mesh_text: str, process_id: int) -> str:
 
 def run(mesh_shape: dict[str, int]) -> dict[str, np.ndarray]:
     """Logits of a fixed batch and greedy generations of `PROMPTS`, computed on `mesh_shape` over all devices of
-    the job, as host arrays (the same on every process)."""
+    the job, as host arrays (the same on every process), and how many all-to-alls the forward program runs."""
     import jax
     from flax import nnx
 
@@ -58,14 +58,16 @@ def run(mesh_shape: dict[str, int]) -> dict[str, np.ndarray]:
     tokens = jax.device_put(tokens, named_sharding(("batch", None), tokens.shape, mesh))
     graphdef, params = nnx.split(model)
     with jax.set_mesh(mesh):
-        logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)(params, tokens)
+        forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits).lower(params, tokens).compile()
+        logits = forward(params, tokens)
     print("logits", flush=True)
     engine = Engine(model, mesh=mesh, prefill_chunk=8)
     results = engine.generate([list(p) for p in PROMPTS], SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW,
                                                                          stop_token_ids=()))
     return {"logits": to_host(logits).astype(np.float32),
             "tokens": np.array([r.tokens for r in results], np.int32),
-            "logprobs": np.array([r.logprobs for r in results], np.float32)}
+            "logprobs": np.array([r.logprobs for r in results], np.float32),
+            "all_to_all": np.array(forward.as_text().count(" all-to-all("))}  # expert parallelism's token exchange
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """Multi-host stays correct: two processes × 4 CPU devices (gloo collectives, `jax.distributed`) compute the same
-forward logits and greedy generations as one process over 8 devices, for several global meshes.
+forward logits and greedy generations as one process over 8 devices, for several global meshes — with the MoE
+expert-parallel (tokens exchanged by all-to-all over the `expert` axis, which spans both processes).
 
 Each process runs `tests/multihost_worker.py` (same seed → the same parameters, built sharded over the global
 mesh by `init_sharded`; `Engine` brings results to the host with `generation.to_host`) and writes one .npz per
@@ -70,8 +71,10 @@ def test_two_processes_equal_one_process(tmp_path):
     for mesh in MESHES:
         ref = run(parse_mesh(mesh))
         assert ref["tokens"].shape == (8, 6) and np.ptp(ref["tokens"]) > 0  # something was generated
+        assert ref["all_to_all"] > 0, mesh  # the MoE runs expert-parallel (tokens exchanged over `expert`)
         for i in range(2):
             got = np.load(result_file(tmp_path, mesh, i))
             np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-5, atol=1e-6, err_msg=f"{mesh} p{i}")
             np.testing.assert_array_equal(got["tokens"], ref["tokens"], err_msg=f"{mesh} p{i}")
             np.testing.assert_allclose(got["logprobs"], ref["logprobs"], rtol=1e-5, atol=1e-5, err_msg=f"{mesh} p{i}")
+            assert got["all_to_all"] == ref["all_to_all"], mesh
