@@ -195,7 +195,8 @@ def _gathered(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cach
         def local(q, k, v, valid):
             first = jax.lax.axis_index(lay.q_seq) * c
             kf, vf, validf = (_gather_seq(x, lay.q_seq) for x in (k, v, valid))
-            return _attend_in_query_blocks(q, kf, vf, first, validf)
+            # every key block is visited (a static loop: differentiable, for training); causality masks the rest
+            return _attend_in_query_blocks(q, kf, vf, first, validf, bound_keys=False)
 
         out = jax.shard_map(local, mesh=lay.mesh, in_specs=(kv_spec, kv_spec, kv_spec, lay.row(kv_spec)),
                             out_specs=kv_spec)(q, k, v, valid_BxL)
@@ -224,20 +225,21 @@ def _gathered(lay: _ShardLayout, q, k, v, valid_BxL, kv_cache, cache_start, cach
     return out, (kc, vc)
 
 
-def _attend_in_query_blocks(q_BxCxHxD, k_BxSxKxD, v_BxSxKxD, first, kv_valid_BxS):
+def _attend_in_query_blocks(q_BxCxHxD, k_BxSxKxD, v_BxSxKxD, first, kv_valid_BxS, *, bound_keys: bool = True):
     """`attend` for C queries in slots first..first+C−1, in sequential blocks of `QUERY_BLOCK` queries when C is
-    a multiple of it, each reading only the keys up to its last slot (bounded memory at long context)."""
+    a multiple of it (bounded memory at long context). With `bound_keys` each block reads only the keys up to its
+    last slot (a loop of traced length: no reverse-mode gradient); without, every key block (a static loop)."""
     b, c, h, d = q_BxCxHxD.shape
     if c <= QUERY_BLOCK or c % QUERY_BLOCK:
         return attend(q_BxCxHxD, k_BxSxKxD, v_BxSxKxD, q_slot_L=first + jnp.arange(c), kv_valid_BxS=kv_valid_BxS,
-                      num_slots=first + c)
+                      num_slots=first + c if bound_keys else None)
     n = c // QUERY_BLOCK
 
     def block(j):
         q = jax.lax.dynamic_slice_in_dim(q_BxCxHxD, j * QUERY_BLOCK, QUERY_BLOCK, axis=1)
         lo = first + j * QUERY_BLOCK
         return attend(q, k_BxSxKxD, v_BxSxKxD, q_slot_L=lo + jnp.arange(QUERY_BLOCK), kv_valid_BxS=kv_valid_BxS,
-                      num_slots=lo + QUERY_BLOCK)
+                      num_slots=lo + QUERY_BLOCK if bound_keys else None)
 
     out_NxBxQxHxD = jax.lax.map(block, jnp.arange(n))
     return jnp.moveaxis(out_NxBxQxHxD, 0, 1).reshape(b, c, h, d)
