@@ -20,11 +20,29 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """m1jax checkpoint → HF safetensors in the original MiniMax-M1 layout."""
-    from convert.m1jax_to_hf import export_checkpoint
+    """m1jax checkpoint or training run (its latest checkpoint) → HF safetensors in the original M1 layout."""
+    from convert.m1jax_to_hf import export_checkpoint, export_model
+    from train.checkpointing import is_train_checkpoint_dir
 
-    dst = export_checkpoint(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
-                            progress=not args.quiet)
+    if is_train_checkpoint_dir(args.src):
+        from m1jax.errors import UserError
+        from train.model_setup import build_model
+        from train.run_config import ModelSpec, RunConfigError
+        from train.update import compute_model
+
+        if args.tokenizer is None:
+            raise UserError(f"{args.src} is a training run, which holds no tokenizer: pass --tokenizer DIR (the run "
+                            f"config's `tokenizer`)")
+        try:
+            bundle = build_model(ModelSpec(checkpoint=str(args.src)), seed=0)
+        except RunConfigError as e:
+            raise UserError(f"cannot read the training run {args.src}: {e}") from None
+        model = compute_model(bundle.graphdef, bundle.params, bundle.param_dtypes)
+        dst = export_model(model, args.dst, dtype=args.dtype, shard_size=args.shard_size,
+                           tokenizer_dir=args.tokenizer, progress=not args.quiet)
+    else:
+        dst = export_checkpoint(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
+                                progress=not args.quiet, tokenizer_dir=args.tokenizer)
     if not args.quiet:
         print(f"HF checkpoint written to {dst}")
     return 0
@@ -52,11 +70,13 @@ def add_subcommands(subparsers) -> None:
 
     p = subparsers.add_parser(
         "export", help="m1jax checkpoint → HF safetensors (original MiniMax-M1 layout)",
-        description="Export a converted m1jax checkpoint as an HF checkpoint in the original MiniMax-M1 layout "
-                    "(block_sparse_moe.experts.E.w1/w2/w3, fp32 router gates), loadable by transformers (the "
-                    "layout vLLM also reads).",
+        description="Export a converted m1jax checkpoint (or a training run) as an HF checkpoint in the original "
+                    "MiniMax-M1 layout (block_sparse_moe.experts.E.w1/w2/w3, fp32 router gates), loadable by "
+                    "transformers (the layout vLLM also reads).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("src", help="m1jax checkpoint directory written by `m1jax convert`")
+    p.add_argument("src", help="m1jax checkpoint directory written by `m1jax convert`, or a training run "
+                   "(`output_dir` of `m1jax train`: its latest checkpoint; needs --tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory to copy (default: the m1jax checkpoint's own files)")
     p.add_argument("dst", help="output directory (absent or empty)")
     p.add_argument("--dtype", default=None, help="cast the weights to this dtype (default: keep each parameter's "
                    "dtype, int8 experts dequantized to the checkpoint's dtype; router gates stay float32)")

@@ -133,13 +133,15 @@ def export_weights(config: ModelConfig, view_of: Callable[[ParamSpec], object], 
 
 
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-                      shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True, stream=None) -> Path:
+                      shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True, stream=None,
+                      tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Export the converted m1jax checkpoint `src` (refused if incomplete) as an HF checkpoint in `dst`
-    (int8 experts are dequantized, q·s, to `dtype`, by default the checkpoint's storage dtype)."""
+    (int8 experts are dequantized, q·s, to `dtype`, by default the checkpoint's storage dtype), with the tokenizer
+    files of `tokenizer_dir` (default: the checkpoint's own)."""
     ckpt = M1jaxCheckpoint(src)
     views = dequantize_views(ckpt.views(), NUMPY_DTYPES[canonical_dtype(dtype or ckpt.dtype)])
     return export_weights(ckpt.config, lambda spec: views[spec.path], dst, dtype=dtype, shard_size=shard_size,
-                          tokenizer_dir=ckpt.path, progress=progress, stream=stream)
+                          tokenizer_dir=tokenizer_dir or ckpt.path, progress=progress, stream=stream)
 
 
 def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,

@@ -36,10 +36,15 @@ def cmd_demo(args) -> int:
 
 
 def _load_model_and_tokenizer(args):
-    """--model DIR (HF or converted checkpoint with tokenizer files) or the embedded demo model."""
-    from m1jax.demo import demo_model, demo_tokenizer
+    """--model DIR (HF or converted checkpoint with tokenizer files), --preset NAME (random weights), or the
+    embedded default (`m1jax.demo.load_default_model`: the trained demo model)."""
+    from m1jax.demo import demo_model, demo_tokenizer, load_default_model
     from m1jax.tokenizer import Tokenizer
 
+    if args.model is None and args.preset is None:
+        if args.tokenizer is not None:
+            raise UserError("--tokenizer needs --model or --preset (the embedded demo model has its own tokenizer)")
+        return load_default_model(dtype=args.dtype, quantize=args.quantize)
     if args.model is None:
         model = demo_model(args.preset, seed=args.model_seed, dtype=args.dtype or "float32", quantize=args.quantize)
         tokenizer = demo_tokenizer(model.config.vocab_size) if args.tokenizer is None else \
@@ -142,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="generate text (streams to stdout); without --model: the embedded demo")
-    p.add_argument("--model", help="HF checkpoint dir or converted m1jax checkpoint (default: embedded demo)")
+    p = sub.add_parser("generate", help="generate text (streams to stdout); without --model: the trained demo model")
+    p.add_argument("--model", help="HF checkpoint dir or converted m1jax checkpoint (default: the embedded trained "
+                   "demo model, m1jax/demo_model)")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the model dir)")
-    p.add_argument("--preset", default="tiny", help="demo model preset when no --model is given")
-    p.add_argument("--model-seed", type=int, default=0, help="demo model weight seed")
+    p.add_argument("--preset", help="a preset with random weights instead of the trained demo model (e.g. tiny)")
+    p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m],
                    help="int8 routed experts (quantized while loading; a checkpoint converted with --quantize "

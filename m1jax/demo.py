@@ -1,6 +1,16 @@
-"""The embedded default of m1jax: a tiny MiniMax-architecture model and a byte-level BPE tokenizer in M1's format,
-both built in-process (nothing downloaded). The model has random weights until a trained demo model exists, so
-its text is gibberish; it exercises the whole generation path (tokenizer, chat template, hybrid cache, sampling).
+"""The embedded default of m1jax: a small trained MiniMax-architecture reasoning model, shipped as package data.
+
+`load_default_model()` is the model `m1jax generate` (and any other entry point given no model) uses: the demo
+model in `m1jax/demo_model/` (HF original layout: config.json, safetensors, tokenizer files; a few MB). It is a
+4-layer lightning + softmax model with a 4-expert top-2 MoE, trained from scratch by this project's trainers
+(`m1jax train sft`, then `m1jax train cispo`; recipe in configs/train/demo_sft.yaml and demo_cispo.yaml) to
+answer two-digit addition, subtraction and multiplication asked in English, in M1's format: a worked scratchpad
+in `<think>…</think>`, then the answer (train/tasks/arithmetic.py). Its tokenizer is a byte-level BPE in M1's
+format (special tokens, chat template) whose digits are single tokens.
+
+When the shipped files are missing (a partial install), it falls back, with a warning, to the `tiny` preset with
+random weights and `demo_tokenizer()` (gibberish text that still exercises the whole generation path). The
+helpers below build that tokenizer in-process (nothing downloaded) and the demo model's tokenizer.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import pathlib
 
 BOS, EOS, UNK, BOD = "<beginning_of_sentence>", "<end_of_sentence>", "<end_of_document>", "<begin_of_document>"
 MINIMAX_SPECIAL_TOKENS = (BOS, EOS, UNK, BOD)
+DEMO_VOCAB_SIZE = 512
 
 # M1's prompt format (spec §8) written compactly: renders the same text as the real template in
 # tests/fixtures/minimax-m1/tokenizer_config.json (tests/test_chat.py checks this).
@@ -68,31 +79,36 @@ def training_corpus(n_lines: int = 400) -> list[str]:
     return lines + list(_EXTRA_TEXT) * 20
 
 
-def train_bpe_tokenizer(vocab_size: int = 512):
-    """A `tokenizers.Tokenizer`: GPT-2 style byte-level BPE with the MiniMax special tokens as the last 4 ids."""
+def train_bpe_tokenizer(vocab_size: int = 512, *, extra_corpus: list[str] | None = None, split_digits: bool = False):
+    """A `tokenizers.Tokenizer`: GPT-2 style byte-level BPE with the MiniMax special tokens as the last 4 ids,
+    merges trained on `training_corpus()` plus `extra_corpus`; with `split_digits` every digit is its own token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(MINIMAX_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_corpus(), trainer)
+    tok.train_from_iterator(training_corpus() + list(extra_corpus or ()), trainer)
     tok.add_special_tokens(list(MINIMAX_SPECIAL_TOKENS))
     return tok
 
 
-def make_bpe_tokenizer_dir(path, vocab_size: int = 512, chat_template: str | None = M1_FORMAT_TEMPLATE):
-    """Writes `tokenizer.json` + `tokenizer_config.json` (M1's special tokens, `chat_template`) into `path`.
+def make_bpe_tokenizer_dir(path, vocab_size: int = 512, chat_template: str | None = M1_FORMAT_TEMPLATE, *,
+                           extra_corpus: list[str] | None = None, split_digits: bool = False):
+    """Writes `tokenizer.json` + `tokenizer_config.json` (M1's special tokens, `chat_template`) into `path`;
+    `extra_corpus` and `split_digits` as in `train_bpe_tokenizer`.
 
     Every id is below `vocab_size`. Returns `path` as a `pathlib.Path`.
     """
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = train_bpe_tokenizer(vocab_size)
+    tok = train_bpe_tokenizer(vocab_size, extra_corpus=extra_corpus, split_digits=split_digits)
     assert tok.get_vocab_size(with_added_tokens=True) <= vocab_size
     tok.save(str(path / "tokenizer.json"))
     config = {
@@ -118,8 +134,34 @@ def demo_tokenizer(vocab_size: int = 512):
                      chat_template=M1_FORMAT_TEMPLATE)
 
 
+DEMO_MODEL_DIR = pathlib.Path(__file__).parent / "demo_model"
+_DEMO_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def demo_model_dir() -> pathlib.Path | None:
+    """The directory of the shipped trained demo model, or None when its files are not installed."""
+    return DEMO_MODEL_DIR if all((DEMO_MODEL_DIR / f).is_file() for f in _DEMO_FILES) else None
+
+
+def load_default_model(*, dtype: str | None = None, quantize: str | None = None, mesh=None):
+    """(model, tokenizer) of the embedded default: the trained demo model (module docstring), or, when its files
+    are missing, the `tiny` preset with random weights and `demo_tokenizer()`, with a warning saying so."""
+    directory = demo_model_dir()
+    if directory is None:
+        import warnings
+
+        warnings.warn(f"the trained demo model is not installed ({DEMO_MODEL_DIR} lacks {', '.join(_DEMO_FILES)}); "
+                      f"using the 'tiny' preset with random weights instead: its text is gibberish", stacklevel=2)
+        model = demo_model("tiny", dtype=dtype or "float32", quantize=quantize)
+        return model, demo_tokenizer(model.config.vocab_size)
+    from m1jax.loading import from_pretrained
+    from m1jax.tokenizer import Tokenizer
+
+    return from_pretrained(directory, dtype=dtype, quantize=quantize, mesh=mesh), Tokenizer.from_pretrained(directory)
+
+
 def demo_model(preset: str = "tiny", seed: int = 0, **runtime):
-    """The `tiny` preset with random weights (seed `seed`)."""
+    """The preset `preset` with random weights (seed `seed`)."""
     from flax import nnx
 
     from m1jax.config import ModelConfig
