@@ -60,6 +60,9 @@ def _load_model_and_tokenizer(args):
     return model, tokenizer
 
 
+DEFAULT_PROMPT = "The lightning attention of MiniMax"
+
+
 def cmd_generate(args) -> int:
     """Generate from a text prompt or a chat conversation, streaming the text to stdout."""
     import json
@@ -68,6 +71,12 @@ def cmd_generate(args) -> int:
     from m1jax.generation import Engine
     from m1jax.sampling import SamplingParams
 
+    if args.input_file is not None and (args.messages or args.chat or args.prompt is not None):
+        raise UserError("--input-file is the whole prompt; it cannot be combined with --prompt, --chat or --messages")
+    if args.input_file is None and (args.checkpoint_dir is not None or args.context_window is not None):
+        raise UserError("--checkpoint-dir and --context-window go with --input-file")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        raise UserError("--checkpoint-every needs --checkpoint-dir")
     model, tokenizer = _load_model_and_tokenizer(args)
     try:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -77,6 +86,7 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     if args.messages:
         try:
             messages = json.loads(open(args.messages, encoding="utf-8").read())
@@ -84,16 +94,15 @@ def cmd_generate(args) -> int:
             raise UserError(f"cannot read --messages {args.messages}: {e}") from None
     elif args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-            [{"role": "user", "content": args.prompt}]
+            [{"role": "user", "content": prompt}]
     else:
         messages = None
     if messages is not None:
         if tokenizer.chat_template is None:
             raise UserError("the tokenizer has no chat_template; use --prompt without --chat")
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    else:
-        text = args.prompt
-    ids = tokenizer.encode(text)
+    elif args.input_file is None:
+        text = prompt
     stream = tokenizer.stream_decoder()
 
     def on_step(step, tokens, active):
@@ -101,12 +110,27 @@ def cmd_generate(args) -> int:
             sys.stdout.write(stream.push(int(tokens[0])))
             sys.stdout.flush()
 
-    [result] = engine.generate([ids], sampling, callback=on_step if args.stream else None)
+    callback = on_step if args.stream else None
+    resumed = ""
+    if args.input_file is None:
+        ids = tokenizer.encode(text)
+        n_prompt = len(ids)
+        [result] = engine.generate([ids], sampling, callback=callback)
+    else:
+        from m1jax.streaming import prefill_file
+
+        streamed = prefill_file(engine, args.input_file, checkpoint_dir=args.checkpoint_dir,
+                                checkpoint_every=args.checkpoint_every, context_window=args.context_window,
+                                reserve=args.max_new_tokens)
+        n_prompt = streamed.tokens
+        resumed = f" (resumed from the checkpoint at token {streamed.resumed_from})" if streamed.resumed_from else ""
+        [result], _ = engine.decode(streamed.state, sampling, callback=callback, prompt_tokens=[n_prompt],
+                                    consume_state=True)
     if args.stream:
         sys.stdout.write(stream.flush() + "\n")
     else:
         print(result.text)
-    summary = (f"[{len(ids)} prompt tokens, {len(result.tokens)} generated, finish reason: "
+    summary = (f"[{n_prompt} prompt tokens{resumed}, {len(result.tokens)} generated, finish reason: "
                f"{result.finish_reason}]")
     if messages is not None:
         parsed = parse_output(result.text or "")
@@ -157,8 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m],
                    help="int8 routed experts (quantized while loading; a checkpoint converted with --quantize "
                         "loads int8 without it)")
-    p.add_argument("--prompt", default="The lightning attention of MiniMax", help="prompt text (user message with "
-                   "--chat)")
+    p.add_argument("--prompt", help=f"prompt text (user message with --chat; default {DEFAULT_PROMPT!r})")
+    p.add_argument("--input-file", help="UTF-8 text file as the whole prompt, tokenized in blocks and prefilled "
+                   "chunk by chunk (documents of any length)")
+    p.add_argument("--checkpoint-dir", help="with --input-file: save the prefill state here every "
+                   "--checkpoint-every tokens and resume from it when rerun (refused for a changed file or model)")
+    p.add_argument("--checkpoint-every", type=int, help="tokens between checkpoints, a multiple of --prefill-chunk "
+                   "(default: the multiple nearest below 65536)")
+    p.add_argument("--context-window", type=int, help="with --input-file: cache slots allocated up front (the "
+                   "input plus --max-new-tokens must fit); default: the cache grows as needed")
     p.add_argument("--chat", action="store_true", help="render --prompt as a user turn with the chat template")
     p.add_argument("--system", help="system prompt (with --chat)")
     p.add_argument("--messages", help="JSON file with a chat conversation (list of {role, content})")

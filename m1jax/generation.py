@@ -477,6 +477,14 @@ def load_state(path: str | os.PathLike, config: ModelConfig) -> EngineState:
                        next_logits_BxV=jnp.asarray(tree["next_logits_BxV"], jnp.float32))
 
 
+def saved_state_metadata(path: str | os.PathLike) -> dict:
+    """The `metadata` a state was saved with by `save_state`."""
+    marker = Path(path).absolute() / STATE_MARKER
+    if not marker.exists():
+        raise GenerationError(f"{path} is not a complete saved generation state (no {STATE_MARKER})")
+    return json.loads(marker.read_text())["metadata"]
+
+
 def _state_tree(state: EngineState) -> dict:
     layers = {str(i): (list(layer) if isinstance(layer, tuple) else layer) for i, layer in
               enumerate(state.cache.per_layer())}
