@@ -77,9 +77,9 @@ def test_streamed_prefill_equals_generate(tokenizer, tmp_path):
 
 
 def cli_args(path, ckpt, *extra):
-    return ["generate", "--input-file", str(path), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "128",
-            "--prefill-chunk", "64", "--context-window", "2048", "--temperature", "0", "--max-new-tokens", "12",
-            "--repetition-stop", "0", "--no-stream", *extra]
+    return ["generate", "--preset", "tiny", "--input-file", str(path), "--checkpoint-dir", str(ckpt),
+            "--checkpoint-every", "128", "--prefill-chunk", "64", "--context-window", "2048", "--temperature", "0",
+            "--max-new-tokens", "12", "--repetition-stop", "0", "--no-stream", *extra]
 
 
 def test_sigkilled_prefill_resumes_to_the_uninterrupted_output(tmp_path, capsys):
@@ -128,5 +128,5 @@ def test_sigkilled_prefill_resumes_to_the_uninterrupted_output(tmp_path, capsys)
 def test_cli_rejects_bad_combinations(tmp_path, capsys, extra, message):
     path = tmp_path / "doc.txt"
     path.write_text("hello", encoding="utf-8")
-    assert main(["generate", "--input-file", str(path), *extra]) == 2
+    assert main(["generate", "--preset", "tiny", "--input-file", str(path), *extra]) == 2
     assert message in capsys.readouterr().err
