@@ -1,0 +1,91 @@
+"""The hybrid prefix cache: a prompt restored from cached blocks gives exactly (bit for bit) the greedy tokens and
+log-probs of the same prompt prefilled without the cache, for shared prefixes ending inside a block and at a
+block end; different suffixes after one prefix; LRU eviction under a small budget; lookups and hits counted."""
+
+import numpy as np
+import pytest
+
+from m1jax.demo import demo_model
+from m1jax.generation import Engine, GenerationError
+from m1jax.prefix_cache import PrefixCache, block_keys, prefill_prompt
+from m1jax.sampling import SamplingParams
+
+BLOCK, CAPACITY = 16, 256
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(), repetition_stop=None)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(demo_model("tiny", seed=0), prefill_chunk=BLOCK)
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 500, n).tolist()
+
+
+def run(engine, prompt, store):
+    state, cached = prefill_prompt(engine, prompt, block=BLOCK, capacity=CAPACITY, store=store)
+    logits = np.asarray(state.next_logits_BxV)
+    [result], _ = engine.decode(state, GREEDY)
+    return result, cached, logits
+
+
+def assert_same(a, b):
+    (ra, _, la), (rb, _, lb) = a, b
+    assert ra.tokens == rb.tokens
+    assert ra.logprobs == rb.logprobs  # exactly: the same calls on the same inputs
+    assert np.array_equal(la, lb)
+
+
+@pytest.mark.parametrize("shared", [40, 48])  # ends inside block 2 / at the end of block 2
+def test_cache_on_equals_off(engine, shared):
+    store = PrefixCache(BLOCK, 1024)
+    prefix = tokens(shared, shared)
+    a, b = prefix + tokens(1, 13), prefix + tokens(2, 21)
+    on_a, on_b = run(engine, a, store), run(engine, b, store)
+    assert on_a[1] == 0 and on_b[1] == (shared // BLOCK) * BLOCK
+    assert store.lookups == 2 and store.hits == 1 and store.hit_tokens == on_b[1]
+    off_a, off_b = run(engine, a, None), run(engine, b, None)
+    assert_same(on_a, off_a)
+    assert_same(on_b, off_b)
+    assert on_a[0].tokens != on_b[0].tokens  # different suffixes, different continuations
+    [ref] = engine.generate([b], GREEDY)  # the engine's own (left-padded) prefill: same tokens, fp32-close
+    assert ref.tokens == on_b[0].tokens
+    np.testing.assert_allclose(ref.logprobs, on_b[0].logprobs, atol=1e-5)
+
+
+def test_a_fully_cached_prompt_runs_no_call(engine):
+    store = PrefixCache(BLOCK, 1024)
+    prompt = tokens(7, 3 * BLOCK)
+    first, again = run(engine, prompt, store), run(engine, prompt, store)
+    assert first[1] == 0 and again[1] == 3 * BLOCK
+    assert_same(again, first)
+    assert_same(again, run(engine, prompt, None))
+
+
+def test_lru_eviction_under_a_small_budget(engine):
+    store = PrefixCache(BLOCK, 2 * BLOCK)
+    p, q = tokens(3, 4 * BLOCK + 3), tokens(4, 3 * BLOCK)
+    kp, kq = block_keys(p, BLOCK), block_keys(q, BLOCK)
+    run(engine, p, store)
+    assert len(store) == 2 and store.tokens == 2 * BLOCK
+    assert [k in store for k in kp] == [True, True, False, False]  # the deepest blocks go first
+    run(engine, q, store)  # p's blocks are older: evicted
+    assert [k in store for k in kp + kq] == [False] * 4 + [True, True, False]
+    again = run(engine, p, store)
+    assert again[1] == 0 and [k in store for k in kp[:2]] == [True, True]
+    assert_same(again, run(engine, p, None))
+    hit = run(engine, p[:2 * BLOCK] + tokens(5, 9), store)
+    assert hit[1] == 2 * BLOCK and store.hits == 1 and store.lookups == 4
+    tiny = PrefixCache(BLOCK, BLOCK - 1)  # a budget below one block holds nothing
+    run(engine, p, tiny)
+    assert len(tiny) == 0
+
+
+def test_bad_prefix_cache_input(engine):
+    with pytest.raises(GenerationError, match="block must be"):
+        PrefixCache(0, 10)
+    with pytest.raises(GenerationError, match="does not fit a 32-slot prefill cache"):
+        prefill_prompt(engine, tokens(1, 40), block=BLOCK, capacity=32)
+    with pytest.raises(GenerationError, match="holds 8-token blocks"):
+        prefill_prompt(engine, tokens(1, 40), block=BLOCK, capacity=CAPACITY, store=PrefixCache(8, 64))
