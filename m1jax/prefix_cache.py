@@ -211,12 +211,33 @@ class RowPrefill:
                 self.store.insert(self.keys[:j + 1], snapshot_block(self.cache, self.logits_1xV, start, self.block))
         return self.done
 
+    def packed_cache(self) -> Cache:
+        """The prefilled cache cut to the prompt's n slots, in order (the tail call's left padding removed): every
+        slot valid, slot t holding token t — the layout a pool that right-aligns rows of n slots expects."""
+        if not self.done:
+            raise GenerationError("the prefill has calls left")
+        n = len(self.prompt)
+        gap = self.length - n  # padding slots in front of the tail
+        keep = n - n % self.block  # slots of the full blocks
+        return _pack(self.cache, keep, gap, n)
+
     def state(self) -> EngineState:
         """The prefilled batch-1 engine state (after the last step)."""
         if not self.done:
             raise GenerationError("the prefill has calls left")
         return EngineState(cache=self.cache, positions_B=jnp.asarray([len(self.prompt)], jnp.int32),
                            next_logits_BxV=self.logits_1xV)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _pack(cache: Cache, keep: int, gap: int, n: int) -> Cache:
+    """Slots [0, keep) and [keep + gap, n + gap) of a batch-1 cache, as one cache of n slots."""
+    def cut(x, axis):
+        head = jax.lax.slice_in_dim(x, 0, keep, axis=axis)
+        tail = jax.lax.slice_in_dim(x, keep + gap, n + gap, axis=axis)
+        return jnp.concatenate([head, tail], axis=axis)
+
+    return cache.map_slots(cut).replace(length=jnp.asarray(n, jnp.int32))
 
 
 def prefill_prompt(engine: Engine, prompt: Sequence[int], *, block: int, capacity: int,

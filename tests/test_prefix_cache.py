@@ -89,3 +89,24 @@ def test_bad_prefix_cache_input(engine):
         prefill_prompt(engine, tokens(1, 40), block=BLOCK, capacity=32)
     with pytest.raises(GenerationError, match="holds 8-token blocks"):
         prefill_prompt(engine, tokens(1, 40), block=BLOCK, capacity=CAPACITY, store=PrefixCache(8, 64))
+
+
+def test_packed_cache_drops_the_tail_padding(engine):
+    from m1jax.prefix_cache import RowPrefill
+
+    prompt = tokens(9, 2 * BLOCK + 5)
+    run_ = RowPrefill(engine, prompt, block=BLOCK, capacity=CAPACITY)
+    while not run_.done:
+        run_.step()
+    packed = run_.packed_cache()
+    assert packed.max_len == len(prompt) and bool(np.all(np.asarray(packed.valid_BxS)))
+    full = run_.state()
+    for got, want in zip(packed.per_layer(), full.cache.per_layer(), strict=True):
+        if isinstance(got, tuple):  # slot t holds token t: the blocks as they were, the tail moved left
+            w = np.asarray(want[0][0])
+            expected = np.concatenate([w[:2 * BLOCK], w[3 * BLOCK - 5:3 * BLOCK]])
+            np.testing.assert_array_equal(np.asarray(got[0][0]), expected)
+    [a], _ = engine.decode(full.replace(cache=packed), GREEDY)
+    [b], _ = engine.decode(full, GREEDY)
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
