@@ -1,17 +1,18 @@
 """The hybrid prefix cache: lightning states and softmax K/V snapshotted at block boundaries of a prompt's
 prefill, keyed by the token prefix, so a prompt that shares a cached prefix prefills only the rest.
 
-A prompt of n tokens is prefilled block-aligned (`RowPrefill`): block j = tokens [jC, (j+1)C) is one
-`forward_chunk` call of C = `block` tokens at positions jC…, written to cache slots jC…; the n mod C tokens
-after the last full block are one more call, left-padded to the length bucket (at most C). The batch-1 cache has
-the same `capacity` for every prompt. After block j the cache holds, besides K/V, each lightning layer's state
-S_j = Σ_{t < (j+1)C} decay^{…} k_tᵀ v_t — a function of the prefix alone — so the snapshot
+A prompt of n tokens is prefilled block-aligned (`RowPrefill`): block j = tokens [jC, (j+1)C) (C = `block`),
+then the n mod C tokens after the last full block, each appended by one `Engine.prefill(state=...)` into a
+batch-1 cache of the same `capacity` for every prompt. After block j the cache holds, besides the blocks' K/V,
+each lightning layer's state S_j = Σ_{t < (j+1)C} decay^{…} k_tᵀ v_t — a function of the prefix alone — so the
+snapshot
 
-    entry_j = (K/V of slots [jC, (j+1)C) per softmax layer, S_j per lightning layer, next-token logits)
+    entry_j = (K/V and validity of the slots block j wrote, per softmax layer; S_j per lightning layer;
+               the next-token logits)
 
 is keyed by the hash chain h_j = SHA-256(h_{j−1} ‖ tokens of block j) (h_{−1} = ""), which names the whole
-prefix [0, (j+1)C). A newcomer looks up h_0, h_1, … and restores the deepest consecutive hit d: K/V of blocks
-0…d−1 into slots [0, dC), the lightning states S_{d−1}, the logits. Every call it then makes — blocks d… and the
+prefix [0, (j+1)C). A newcomer looks up h_0, h_1, … and restores the deepest consecutive hit d: the slots of
+blocks 0…d−1 in order, the lightning states S_{d−1}, the logits. Every call it then makes — blocks d… and the
 tail — is the call the uncached prefill makes at that point, on the same inputs and the same shapes, so the
 result is bit-identical to prefilling without the cache (greedy tokens and log-probs exactly equal).
 
@@ -33,15 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from m1jax.cache import Cache, init_cache
-from m1jax.generation import Engine, EngineState, GenerationError, _bucket, _forward_chunk
+from m1jax.generation import Engine, EngineState, GenerationError, to_host
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixEntry:
-    """One cached block: per layer the block's `(k, v)` `[C, K, D]` (softmax) or the state `[H, D, D]` after it
-    (lightning), and the fp32 next-token logits `[V]` after it."""
+    """One cached block: per layer the `(k, v)` `[W, K, D]` of the W slots the block's call wrote (softmax) or
+    the state `[H, D, D]` after it (lightning); those slots' validity `[W]`; the fp32 next-token logits `[V]`."""
 
     layers: tuple
+    valid_W: jax.Array
     logits_V: jax.Array
 
 
@@ -109,142 +111,124 @@ class PrefixCache:
 
 
 # --------------------------------------------------------------------------------------- snapshot / restore
-def snapshot_block(cache: Cache, logits_1xV: jax.Array, start: int, block: int) -> PrefixEntry:
-    """The entry of the block at slots [start, start + block) of a batch-1 cache just after that block's call."""
-    return PrefixEntry(layers=_slice_block(cache, jnp.asarray(start, jnp.int32), block), logits_V=logits_1xV[0])
+@partial(jax.jit, static_argnums=(2,))
+def _slice_slots(cache: Cache, start, width: int) -> tuple:
+    """Row 0's slots [start, start + width): per layer `(k, v)` `[W, K, D]` or the lightning state; validity."""
+    layers = tuple(tuple(jax.lax.dynamic_slice_in_dim(x[0], start, width, axis=0) for x in layer)
+                   if isinstance(layer, tuple) else layer[0] for layer in cache.per_layer())
+    return layers, jax.lax.dynamic_slice_in_dim(cache.valid_BxS[0], start, width, axis=0)
 
 
-def _slice_block_impl(cache: Cache, start, block: int) -> tuple:
-    layers = []
-    for layer in cache.per_layer():
-        if isinstance(layer, tuple):
-            layers.append(tuple(jax.lax.dynamic_slice_in_dim(x[0], start, block, axis=0) for x in layer))
-        else:
-            layers.append(layer[0])
-    return tuple(layers)
+def snapshot_block(state: EngineState, start: int, width: int) -> PrefixEntry:
+    """The entry of a block whose call just wrote slots [start, start + width) of a batch-1 state."""
+    layers, valid_W = _slice_slots(state.cache, jnp.asarray(start, jnp.int32), width)
+    return PrefixEntry(layers=layers, valid_W=valid_W, logits_V=state.next_logits_BxV[0])
 
 
-_slice_block = jax.jit(_slice_block_impl, static_argnums=(2,))
+@jax.jit
+def _restore(cache: Cache, layers: tuple, valid_W: jax.Array) -> Cache:
+    """An empty batch-1 cache with its first W slots restored (`layers`: per layer `(k, v)` `[W, K, D]` or the
+    lightning state; `valid_W`)."""
+    out = tuple(tuple(jax.lax.dynamic_update_slice_in_dim(e, s[None].astype(e.dtype), 0, axis=1)
+                      for e, s in zip(empty, saved, strict=True))
+                if isinstance(empty, tuple) else saved[None].astype(empty.dtype)
+                for empty, saved in zip(cache.per_layer(), layers, strict=True))
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_W[None], 0, axis=1)
+    return Cache.from_per_layer(out, valid, jnp.asarray(valid_W.shape[0], jnp.int32), groups=cache.groups)
 
 
-@partial(jax.jit, static_argnums=(3,))
-def _restore(cache: Cache, layers: tuple, logits_V: jax.Array, n: int) -> tuple[Cache, jax.Array]:
-    """An empty batch-1 cache with blocks 0…d−1 (n = dC slots) restored: `layers` per layer the K/V of slots
-    [0, n) (`[n, K, D]`) or the lightning state after block d−1; returns the cache and the logits `[1, V]`."""
-    out = []
-    for empty, saved in zip(cache.per_layer(), layers, strict=True):
-        if isinstance(empty, tuple):
-            out.append(tuple(jax.lax.dynamic_update_slice_in_dim(e, s[None].astype(e.dtype), 0, axis=1)
-                             for e, s in zip(empty, saved, strict=True)))
-        else:
-            out.append(saved[None].astype(empty.dtype))
-    valid = cache.valid_BxS.at[:, :n].set(True)
-    restored = Cache.from_per_layer(tuple(out), valid, jnp.asarray(n, jnp.int32), groups=cache.groups)
-    return restored, logits_V[None]
-
-
-def restore_blocks(engine: Engine, entries: Sequence[PrefixEntry], block: int,
-                   capacity: int) -> tuple[Cache, jax.Array]:
-    """A batch-1 cache of `capacity` slots holding the prefix of `entries` (consecutive blocks from block 0),
-    bit-identical to the cache after prefilling those blocks; and the next-token logits `[1, V]`."""
+def restore_blocks(engine: Engine, entries: Sequence[PrefixEntry], n_tokens: int, capacity: int) -> EngineState:
+    """The batch-1 state after the `n_tokens` tokens of `entries` (consecutive blocks from block 0) in a cache of
+    `capacity` slots, bit-identical to the state after prefilling those blocks."""
     layers = tuple(tuple(jnp.concatenate([e.layers[i][t] for e in entries]) for t in range(2))
                    if isinstance(entries[0].layers[i], tuple) else entries[-1].layers[i]
                    for i in range(len(entries[0].layers)))
+    valid_W = jnp.concatenate([e.valid_W for e in entries])
     empty = init_cache(engine.config, 1, capacity, mesh=engine.mesh, rules=engine.rules)
     with engine._on_mesh():
-        return _restore(empty, layers, entries[-1].logits_V, len(entries) * block)
+        cache = _restore(empty, layers, valid_W)
+    return EngineState(cache=cache, positions_B=jnp.asarray([n_tokens], jnp.int32),
+                       next_logits_BxV=entries[-1].logits_V[None])
 
 
 # ---------------------------------------------------------------------------------------- block prefill
 class RowPrefill:
-    """One prompt prefilled block-aligned into a batch-1 cache of `capacity` slots (module docstring), one call
-    per `step()`; with a `store`, restored from its deepest cached prefix first and snapshotting every new full
-    block into it. `cached_tokens`: prompt tokens restored from the store."""
+    """One prompt prefilled block-aligned into a batch-1 cache of `capacity` slots (module docstring), one
+    `Engine.prefill` call per `step()`; with a `store`, restored from its deepest cached prefix first and
+    snapshotting every new full block into it. `cached_tokens`: prompt tokens restored from the store."""
 
     def __init__(self, engine: Engine, prompt: Sequence[int], *, block: int, capacity: int,
                  store: PrefixCache | None = None):
         if store is not None and store.block != block:
             raise GenerationError(f"the prefix cache holds {store.block}-token blocks, the prefill runs {block}")
-        self.engine, self.block = engine, int(block)
-        self.prompt = np.asarray(prompt, np.int32)
+        self.engine, self.block, self.capacity = engine, int(block), int(capacity)
+        [self.prompt] = engine._check_prompts([prompt])
         n = len(self.prompt)
-        full = n // block
-        tail = n - full * block
-        width = min(block, _bucket(tail)) if tail else 0
-        self.length = full * block + width  # cache slots the prefill writes
-        if n == 0 or self.length > capacity:
-            raise GenerationError(f"a prompt of {n} tokens does not fit a {capacity}-slot prefill cache"
-                                  if n else "the prompt is empty")
+        if -(-n // block) * block > capacity:
+            raise GenerationError(f"a prompt of {n} tokens does not fit a {capacity}-slot prefill cache")
         self.store = store
         self.keys = block_keys(self.prompt, block) if store is not None else []
         entries = store.lookup(self.keys) if store is not None else []
-        self.cached_tokens = len(entries) * block
+        self.cached_tokens = self._next = len(entries) * block
         if entries:
-            self.cache, self.logits_1xV = restore_blocks(engine, entries, block, capacity)
+            self._state = restore_blocks(engine, entries, self.cached_tokens, capacity)
+            self._slots = sum(int(e.valid_W.shape[0]) for e in entries)
         else:
-            self.cache = init_cache(engine.config, 1, capacity, mesh=engine.mesh, rules=engine.rules)
-            self.logits_1xV = jnp.zeros((1, engine.config.vocab_size), jnp.float32)
-        self._calls = [(j * block, block) for j in range(len(entries), full)] + ([(full * block, width)] if tail
-                                                                                  else [])
+            self._state = EngineState(cache=init_cache(engine.config, 1, capacity, mesh=engine.mesh,
+                                                       rules=engine.rules),
+                                      positions_B=jnp.zeros((1,), jnp.int32),
+                                      next_logits_BxV=jnp.zeros((1, engine.config.vocab_size), jnp.float32))
+            self._slots = 0
 
     @property
     def done(self) -> bool:
-        return not self._calls
+        return self._next >= len(self.prompt)
 
     def step(self) -> bool:
-        """Run the next call (a block or the tail); returns True once the prompt is done."""
-        start, width = self._calls.pop(0)
-        real = min(width, len(self.prompt) - start)
-        tokens = np.zeros((1, width), np.int32)
-        positions = np.zeros((1, width), np.int32)
-        valid = np.zeros((1, width), bool)
-        tokens[0, width - real:] = self.prompt[start:start + real]
-        positions[0, width - real:] = np.arange(start, start + real)
-        valid[0, width - real:] = True
-        e = self.engine
-        with e._on_mesh():
-            self.cache, self.logits_1xV = _forward_chunk(e.graphdef, e.params, self.cache, jnp.asarray(tokens),
-                                                         jnp.asarray(positions), jnp.asarray(valid))
-        if self.store is not None and real == self.block:
+        """Run the next block (or the tail) of the prompt; returns True once the prompt is done."""
+        start = self._next
+        end = min(start + self.block, len(self.prompt))
+        self._state = self.engine.prefill([self.prompt[start:end]], state=self._state, reserve=0,
+                                          consume_state=True)
+        written = int(to_host(self._state.cache.length))
+        if self._state.cache.max_len != self.capacity:
+            raise GenerationError(f"the prefill outgrew its {self.capacity}-slot cache")
+        if self.store is not None and end - start == self.block:
             j = start // self.block
             if self.keys[j] not in self.store:
-                self.store.insert(self.keys[:j + 1], snapshot_block(self.cache, self.logits_1xV, start, self.block))
+                self.store.insert(self.keys[:j + 1], snapshot_block(self._state, self._slots, written - self._slots))
+        self._next, self._slots = end, written
         return self.done
 
-    def packed_cache(self) -> Cache:
-        """The prefilled cache cut to the prompt's n slots, in order (the tail call's left padding removed): every
-        slot valid, slot t holding token t — the layout a pool that right-aligns rows of n slots expects."""
-        if not self.done:
-            raise GenerationError("the prefill has calls left")
-        n = len(self.prompt)
-        gap = self.length - n  # padding slots in front of the tail
-        keep = n - n % self.block  # slots of the full blocks
-        return _pack(self.cache, keep, gap, n)
+    def run(self) -> RowPrefill:
+        """Every remaining step."""
+        while not self.done:
+            self.step()
+        return self
 
     def state(self) -> EngineState:
         """The prefilled batch-1 engine state (after the last step)."""
         if not self.done:
-            raise GenerationError("the prefill has calls left")
-        return EngineState(cache=self.cache, positions_B=jnp.asarray([len(self.prompt)], jnp.int32),
-                           next_logits_BxV=self.logits_1xV)
+            raise GenerationError("the prefill has steps left")
+        return self._state
+
+    def packed_cache(self) -> Cache:
+        """The prefilled cache cut to the prompt's n valid slots, in order (padding slots of the calls removed):
+        slot t holds token t — the layout a pool that right-aligns rows of n slots expects."""
+        cache = self.state().cache
+        idx = np.nonzero(to_host(cache.valid_BxS[0]))[0].astype(np.int32)
+        return _take_slots(cache, jnp.asarray(idx))
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _pack(cache: Cache, keep: int, gap: int, n: int) -> Cache:
-    """Slots [0, keep) and [keep + gap, n + gap) of a batch-1 cache, as one cache of n slots."""
-    def cut(x, axis):
-        head = jax.lax.slice_in_dim(x, 0, keep, axis=axis)
-        tail = jax.lax.slice_in_dim(x, keep + gap, n + gap, axis=axis)
-        return jnp.concatenate([head, tail], axis=axis)
-
-    return cache.map_slots(cut).replace(length=jnp.asarray(n, jnp.int32))
+@jax.jit
+def _take_slots(cache: Cache, idx_N: jax.Array) -> Cache:
+    """The cache with only slots `idx_N` (in that order)."""
+    return cache.map_slots(lambda x, axis: jnp.take(x, idx_N, axis=axis)).replace(
+        length=jnp.asarray(idx_N.shape[0], jnp.int32))
 
 
 def prefill_prompt(engine: Engine, prompt: Sequence[int], *, block: int, capacity: int,
                    store: PrefixCache | None = None) -> tuple[EngineState, int]:
     """`RowPrefill` run to the end: the batch-1 state after `prompt` and the tokens restored from `store`."""
-    [row] = engine._check_prompts([prompt])
-    run = RowPrefill(engine, row, block=block, capacity=capacity, store=store)
-    while not run.done:
-        run.step()
+    run = RowPrefill(engine, prompt, block=block, capacity=capacity, store=store).run()
     return run.state(), run.cached_tokens

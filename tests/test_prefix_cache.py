@@ -87,6 +87,8 @@ def test_bad_prefix_cache_input(engine):
         PrefixCache(0, 10)
     with pytest.raises(GenerationError, match="does not fit a 32-slot prefill cache"):
         prefill_prompt(engine, tokens(1, 40), block=BLOCK, capacity=32)
+    with pytest.raises(GenerationError, match="is empty"):
+        prefill_prompt(engine, [], block=BLOCK, capacity=CAPACITY)
     with pytest.raises(GenerationError, match="holds 8-token blocks"):
         prefill_prompt(engine, tokens(1, 40), block=BLOCK, capacity=CAPACITY, store=PrefixCache(8, 64))
 
@@ -95,9 +97,7 @@ def test_packed_cache_drops_the_tail_padding(engine):
     from m1jax.prefix_cache import RowPrefill
 
     prompt = tokens(9, 2 * BLOCK + 5)
-    run_ = RowPrefill(engine, prompt, block=BLOCK, capacity=CAPACITY)
-    while not run_.done:
-        run_.step()
+    run_ = RowPrefill(engine, prompt, block=BLOCK, capacity=CAPACITY).run()
     packed = run_.packed_cache()
     assert packed.max_len == len(prompt) and bool(np.all(np.asarray(packed.valid_BxS)))
     full = run_.state()
