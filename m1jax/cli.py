@@ -115,7 +115,7 @@ def cmd_generate(args) -> int:
     if args.input_file is None:
         ids = tokenizer.encode(text)
         n_prompt = len(ids)
-        [result] = engine.generate([ids], sampling, callback=callback)
+        [result] = engine.generate([ids], sampling, callback=callback, thinking_budget=args.thinking_budget)
     else:
         from m1jax.streaming import prefill_file
 
@@ -123,15 +123,18 @@ def cmd_generate(args) -> int:
                                 checkpoint_every=args.checkpoint_every, context_window=args.context_window,
                                 reserve=args.max_new_tokens)
         n_prompt = streamed.tokens
-        resumed = f" (resumed from the checkpoint at token {streamed.resumed_from})" if streamed.resumed_from else ""
+        resumed = (f" (resumed from the checkpoint at token {streamed.resumed_from})" if streamed.resumed_from
+                   else "")
         [result], _ = engine.decode(streamed.state, sampling, callback=callback, prompt_tokens=[n_prompt],
-                                    consume_state=True)
+                                    consume_state=True, thinking_budget=args.thinking_budget)
     if args.stream:
         sys.stdout.write(stream.flush() + "\n")
     else:
         print(result.text)
     summary = (f"[{n_prompt} prompt tokens{resumed}, {len(result.tokens)} generated, finish reason: "
                f"{result.finish_reason}]")
+    if result.reasoning_tokens:
+        summary += f" [{result.reasoning_tokens} reasoning tokens]"
     if messages is not None:
         parsed = parse_output(result.text or "")
         summary += f" [reasoning: {len(parsed.reasoning or '')} chars, tool calls: {len(parsed.tool_calls)}]"
@@ -202,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--repetition-stop", type=int, default=3000, help="stop after N tokens each with p > 0.99 (0: off)")
     p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--thinking-budget", type=int, help="tokens of reasoning before `</think>` is forced (default: "
+                   "the config's thinking_budget, if any)")
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.set_defaults(func=cmd_generate)
 

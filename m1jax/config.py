@@ -73,7 +73,7 @@ _PLAIN_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "rms_norm_eps",
     "hidden_act", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-    "pad_token_id", "router_aux_loss_coef", "router_jitter_noise", "initializer_range",
+    "pad_token_id", "router_aux_loss_coef", "router_jitter_noise", "initializer_range", "thinking_budget",
 )
 
 
@@ -114,6 +114,7 @@ class ModelConfig:
     router_jitter_noise: float = 0.0
     initializer_range: float = 0.02
     shared_intermediate_size: int = 0
+    thinking_budget: int | None = None  # default reasoning tokens before `</think>` is forced (None: unlimited)
 
     # --- runtime (never written to config.json) ---
     dtype: str = "float32"  # compute dtype of activations
@@ -213,6 +214,10 @@ class ModelConfig:
             value = getattr(self, field)
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                  field, f"must be a finite number, got {value!r}")
+        need(self.thinking_budget is None or (isinstance(self.thinking_budget, int)
+                                               and not isinstance(self.thinking_budget, bool)
+                                               and self.thinking_budget >= 0), "thinking_budget",
+             f"must be an integer ≥ 0 (tokens) or null, got {self.thinking_budget!r}")
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported (MiniMax uses it), got "
              f"{self.hidden_act!r}")
         need(self.shared_intermediate_size == 0, "shared_intermediate_size",

@@ -8,9 +8,15 @@ One engine serves every entry point (CLI, batch jobs, the CISPO trainer's rollou
   memory; lightning states carry across chunks, softmax K/V accumulate in the cache. `prefill_chunk=None` runs
   the whole prompt in one call: with the sequence sharded over a mesh (batch 1 at long context, see
   `sharding.RULES["seq"]`) every chip then holds only its share of the prompt's activations.
-* Decode is one `lax.while_loop` that samples, records the model log-prob of every token (fp32 head), applies
-  stop tokens / max tokens / the repetition early stop, and exits when every sequence has finished. Stop strings
-  and streaming callbacks run on the host through an ordered `io_callback` per step.
+* Decode is one `lax.while_loop` (`_decode_loop`) over one step body (`decode_step`) that samples with each
+  row's key stream `step_keys(seed, n_generated)`, records the model log-prob of every token (fp32 head; with
+  top log-probs on request), applies stop tokens / max tokens / the repetition early stop and the thinking
+  budget (forcing `THINK_CLOSE` once a row has generated its budget with no `</think>`), and exits when every
+  sequence has finished or after a given number of steps. The per-row counters (`RowProgress`) are carried from
+  one call to the next, so the same loop runs a static batch to completion (`Engine.generate`) and the bursts of
+  the continuous-batching scheduler (`m1jax.serving`). Stop strings and streaming callbacks run on the host
+  between bursts of `HOST_BURST` steps (no host callback inside the loop, no shared registry: concurrent
+  `generate` calls from several threads are independent).
 * The state after a prefill (cache, positions, next-token logits) can be saved with orbax and resumed later,
   in another process, with the same result as continuing in-process.
 """
@@ -29,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.experimental import io_callback, multihost_utils
+from jax.experimental import multihost_utils
 
 from m1jax.cache import Cache, cache_shardings, init_cache
 from m1jax.config import ModelConfig
@@ -37,9 +43,10 @@ from m1jax.loading import param_shardings
 from m1jax.modules.moe import choose_impl, expert_weight_bytes, unstack_experts
 from m1jax.sampling import SamplingParams, sample_tokens, step_keys
 
-FINISH_REASONS = ("running", "stop", "length", "repetition", "stop_string")
+FINISH_REASONS = ("running", "stop", "length", "repetition", "stop_string", "cancelled")
 _STOP, _LENGTH, _REPETITION, _STOP_STRING = 1, 2, 3, 4
 CACHE_ALIGN = 128
+HOST_BURST = 8  # decode steps between host visits (stop strings, streaming callbacks)
 
 
 class GenerationError(ValueError):
@@ -72,6 +79,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     text: str | None = None
+    reasoning_tokens: int = 0
 
 
 def _round_up(n: int, m: int) -> int:
@@ -84,11 +92,39 @@ def _bucket(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------- jitted kernels
-_HOOKS: dict[int, Callable] = {}  # live host hooks, looked up by id so the compiled loop never changes
+THINK_END = "</think>"
+THINK_CLOSE = "\n</think>\n\n"  # the text forced when a thinking budget runs out
+TOP_LOGPROBS = 20  # alternatives the decode step ranks when any row asks for top log-probs (OpenAI's maximum)
 
 
-def _call_hook(hook_id, step, tokens, active):
-    return _HOOKS[int(hook_id)](step, tokens, active)
+@struct.dataclass
+class RowProgress:
+    """Per-row decode counters, carried from one decode burst to the next.
+
+    `n_gen_B`: tokens generated so far (also the index of the row's sampling key, `step_keys(seed, n_gen)`);
+    `finished_B` / `reason_B`: the row stopped and why (index into `FINISH_REASONS`); `rep_B`: the current run of
+    confident tokens (repetition stop); `think_open_B`: no `</think>` yet; `force_at_B`: the token index where
+    the forced `THINK_CLOSE` began (−1: not forced); `match_B`: how many tokens of `</think>` the last tokens
+    matched; `reasoning_B`: tokens up to and including the one that closed the think block (0: not closed)."""
+
+    n_gen_B: jax.Array
+    finished_B: jax.Array
+    reason_B: jax.Array
+    rep_B: jax.Array
+    think_open_B: jax.Array
+    force_at_B: jax.Array
+    match_B: jax.Array
+    reasoning_B: jax.Array
+
+    @classmethod
+    def start(cls, batch: int, finished: bool = False) -> RowProgress:
+        """Host (numpy) counters of rows that have generated nothing (`finished=True`: empty slots)."""
+        def zeros():
+            return np.zeros(batch, np.int32)
+
+        return cls(n_gen_B=zeros(), finished_B=np.full(batch, finished), reason_B=zeros(), rep_B=zeros(),
+                   think_open_B=np.ones(batch, bool), force_at_B=np.full(batch, -1, np.int32), match_B=zeros(),
+                   reasoning_B=zeros())
 
 
 def _fresh(new, old):
@@ -107,59 +143,97 @@ def forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC)
 _forward_chunk = jax.jit(forward_chunk, static_argnums=(0,), donate_argnums=(2,))
 
 
+def decode_step(graphdef, params, sp: dict, n_top: int, state: EngineState, prog: RowProgress):
+    """One decode step for every row: pick the next token (sampled with the row's key
+    `step_keys(seed, n_gen)`, or forced: the `THINK_CLOSE` tokens once `n_gen` reaches the row's thinking budget
+    with the think block still open), its model log-prob (fp32 head, temperature 1) and, with `n_top` > 0, the
+    `n_top` best tokens of the model distribution; then the stop checks (stop tokens, length, repetition) and the
+    token fed back into the cache. Rows already finished only pass through padding.
+
+    Returns (token `[B]`, model log-prob `[B]`, sampling log-prob `[B]`, top ids `[B, n_top]`, top log-probs
+    `[B, n_top]`, active `[B]` (the row produced this token), state, progress)."""
+    n_stop = sp["stop_ids_BxS"].shape[1]
+    force_F, end_T = sp["force_ids_F"], sp["think_end_T"]
+    n_force, n_end = force_F.shape[0], end_T.shape[0]
+    active = ~prog.finished_B
+    n_gen = prog.n_gen_B
+    # thinking budget: the forced text starts once n_gen reaches the budget with the think block still open
+    start_force = prog.think_open_B & (prog.force_at_B < 0) & (sp["budget_B"] >= 0) & (n_gen >= sp["budget_B"])
+    force_at = jnp.where(start_force, n_gen, prog.force_at_B)
+    fi = n_gen - force_at
+    forcing = (force_at >= 0) & (fi < n_force)
+    forced = jnp.where(forcing, force_F[jnp.clip(fi, 0, n_force - 1)], -1)
+    keys = step_keys(sp["seed_B"], n_gen)
+    tok, lp, slp = sample_tokens(keys, state.next_logits_BxV, sp["temperature_B"], sp["top_k_B"], sp["top_p_B"],
+                                 sp["min_p_B"], forced_B=forced)
+    b = tok.shape[0]
+    if n_top:
+        top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(state.next_logits_BxV.astype(jnp.float32), -1), n_top)
+    else:
+        top_lp, top_id = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
+    # `</think>` produced (or forced): the think block closes at this token
+    m = prog.match_B
+    m_next = jnp.where(tok == end_T[jnp.clip(m, 0, n_end - 1)], m + 1, jnp.where(tok == end_T[0], 1, 0))
+    closes = active & prog.think_open_B & ((m_next >= n_end) | (forcing & (fi == n_force - 1)))
+    n_gen = n_gen + active.astype(jnp.int32)
+    is_stop = jnp.any((tok[:, None] == sp["stop_ids_BxS"]) & (sp["stop_ids_BxS"] >= 0), axis=1) if n_stop else \
+        jnp.zeros((b,), bool)
+    rep = jnp.where(slp > jnp.log(sp["rep_tau_B"]), prog.rep_B + 1, 0)
+    rep_hit = (sp["rep_n_B"] > 0) & (rep >= sp["rep_n_B"])
+    length_hit = n_gen >= sp["max_new_B"]
+    new_reason = jnp.where(is_stop & ~forcing, _STOP,
+                           jnp.where(rep_hit, _REPETITION, jnp.where(length_hit, _LENGTH, 0)))
+    newly = active & (new_reason > 0)
+    prog = RowProgress(
+        n_gen_B=n_gen, finished_B=prog.finished_B | newly, reason_B=jnp.where(newly, new_reason, prog.reason_B),
+        rep_B=jnp.where(active, rep, prog.rep_B), think_open_B=prog.think_open_B & ~closes,
+        force_at_B=jnp.where(active, force_at, prog.force_at_B), match_B=jnp.where(active, m_next, prog.match_B),
+        reasoning_B=jnp.where(closes, n_gen, prog.reasoning_B))
+
+    def feed(st):
+        cache, new_logits = forward_chunk(graphdef, params, st.cache, tok[:, None], st.positions_B[:, None],
+                                          active[:, None])
+        return EngineState(cache=cache, positions_B=st.positions_B + active.astype(st.positions_B.dtype),
+                           next_logits_BxV=jnp.where(active[:, None], new_logits, st.next_logits_BxV))
+
+    # The token that finishes a row still enters its state (as HF does); afterwards the row is padding.
+    state = jax.lax.cond(jnp.any(active), feed, lambda st: st, state)
+    return tok, lp, slp, top_id, top_lp, active, state, prog
+
+
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _decode_loop(graphdef, use_hook: bool, params, state: EngineState, sp: dict, max_steps, hook_id):
-    """Sample → record → stop checks → feed the token back, until every row finished or `max_steps`."""
+def _decode_loop(graphdef, n_top: int, params, state: EngineState, prog: RowProgress, sp: dict, max_steps):
+    """`decode_step` repeated until every row finished or `max_steps` steps ran (one decode burst).
+
+    Row b's token of this burst with index j (its `n_gen` at the burst's start + j) lands in column j of the
+    outputs `[B, C]` (C = `sp["out_capacity"]`, ≥ `max_steps`). Returns (outputs dict: tokens, logprobs,
+    sample_logprobs, top_ids `[B, C, n_top]`, top_logprobs), state, progress."""
     b = state.batch_size
     cap = sp["out_capacity"].shape[0]
-    n_stop = sp["stop_ids_BxS"].shape[1]
+    n0 = prog.n_gen_B
 
     def cond(carry):
-        step, finished = carry[0], carry[1]
-        return (step < max_steps) & ~jnp.all(finished)
+        return (carry[0] < max_steps) & ~jnp.all(carry[2].finished_B)
 
     def body(carry):
-        step, finished, reason, rep, n_gen, toks, lps, slps, cache, pos, logits = carry
-        keys = step_keys(sp["seed_B"], step)
-        tok, lp, slp = sample_tokens(keys, logits, sp["temperature_B"], sp["top_k_B"], sp["top_p_B"], sp["min_p_B"])
-        active = ~finished
-        col = jnp.minimum(step, cap - 1)
-        toks = toks.at[:, col].set(jnp.where(active, tok, toks[:, col]))
-        lps = lps.at[:, col].set(jnp.where(active, lp, lps[:, col]))
-        slps = slps.at[:, col].set(jnp.where(active, slp, slps[:, col]))
-        n_gen = n_gen + active.astype(jnp.int32)
-        is_stop = jnp.any((tok[:, None] == sp["stop_ids_BxS"]) & (sp["stop_ids_BxS"] >= 0), axis=1) if n_stop else \
-            jnp.zeros((b,), bool)
-        rep = jnp.where(slp > jnp.log(sp["rep_tau_B"]), rep + 1, 0)
-        rep_hit = (sp["rep_n_B"] > 0) & (rep >= sp["rep_n_B"])
-        length_hit = n_gen >= sp["max_new_B"]
-        if use_hook:
-            string_hit = io_callback(_call_hook, jax.ShapeDtypeStruct((b,), jnp.bool_), hook_id, step, tok, active,
-                                     ordered=True)
-        else:
-            string_hit = jnp.zeros((b,), bool)
-        new_reason = jnp.where(is_stop, _STOP, jnp.where(string_hit, _STOP_STRING,
-                               jnp.where(rep_hit, _REPETITION, jnp.where(length_hit, _LENGTH, 0))))
-        newly = active & (new_reason > 0)
-        reason = jnp.where(newly, new_reason, reason)
+        step, st, pr, outs = carry
+        tok, lp, slp, top_id, top_lp, active, st, pr_new = decode_step(graphdef, params, sp, n_top, st, pr)
+        col = jnp.clip(pr.n_gen_B - n0, 0, cap - 1)
+        rows = jnp.arange(b)
 
-        def feed(args):
-            cache, pos, logits = args
-            cache, new_logits = forward_chunk(graphdef, params, cache, tok[:, None], pos[:, None], active[:, None])
-            return cache, pos + active.astype(pos.dtype), jnp.where(active[:, None], new_logits, logits)
+        def put(buf, x):
+            return buf.at[rows, col].set(jnp.where(active.reshape((b,) + (1,) * (x.ndim - 1)), x, buf[rows, col]))
 
-        finished = finished | newly
-        # The token that finishes a row still enters its state (as HF does); afterwards the row is padding.
-        cache, pos, logits = jax.lax.cond(jnp.any(active), feed, lambda a: a, (cache, pos, logits))
-        return step + 1, finished, reason, rep, n_gen, toks, lps, slps, cache, pos, logits
+        new = {"tokens": tok, "logprobs": lp, "sample_logprobs": slp, "top_ids": top_id, "top_logprobs": top_lp}
+        outs = {k: put(outs[k], x) for k, x in new.items()}
+        return step + 1, st, pr_new, outs
 
-    zeros_i = jnp.zeros((b,), jnp.int32)
-    carry = (jnp.zeros((), jnp.int32), jnp.zeros((b,), bool), zeros_i, zeros_i, zeros_i,
-             jnp.zeros((b, cap), jnp.int32), jnp.zeros((b, cap), jnp.float32), jnp.zeros((b, cap), jnp.float32),
-             state.cache, state.positions_B, state.next_logits_BxV)
-    out = jax.lax.while_loop(cond, body, carry)
-    step, finished, reason, _, n_gen, toks, lps, slps, cache, pos, logits = out
-    return (toks, lps, slps, n_gen, reason), EngineState(cache=cache, positions_B=pos, next_logits_BxV=logits)
+    outs = {"tokens": jnp.zeros((b, cap), jnp.int32), "logprobs": jnp.zeros((b, cap), jnp.float32),
+            "sample_logprobs": jnp.zeros((b, cap), jnp.float32), "top_ids": jnp.zeros((b, cap, n_top), jnp.int32),
+            "top_logprobs": jnp.zeros((b, cap, n_top), jnp.float32)}
+    prog = jax.tree.map(jnp.asarray, prog)
+    _, state, prog, outs = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, prog, outs))
+    return outs, state, prog
 
 
 def to_host(x) -> np.ndarray:
@@ -204,6 +278,7 @@ class Engine:
             raise GenerationError(f"prefill_chunk must be ≥ 1 (or None: one call), got {prefill_chunk}")
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.max_len = int(max_len or self.config.max_position_embeddings)
+        self._think = None
 
     def _on_mesh(self):
         """The context every compiled call runs in: the engine's mesh, if any."""
@@ -217,23 +292,27 @@ class Engine:
                                                      self.rules))
 
     # ---------------------------------------------------------------- validation
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], *, allow_empty: bool = False) -> list[np.ndarray]:
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], *, allow_empty: bool = False,
+                       label: str | None = None) -> list[np.ndarray]:
+        """`prompts` as int32 arrays, or a `GenerationError` naming the bad prompt (`label`: the name to use for
+        a single prompt, instead of "prompt i")."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise GenerationError("prompts must be a non-empty list of token-id lists")
         out = []
         v = self.config.vocab_size
         for i, p in enumerate(prompts):
+            name = label or f"prompt {i}"
             if isinstance(p, str):
-                raise GenerationError(f"prompt {i} is a string; pass token ids (or use generate_text with a "
+                raise GenerationError(f"{name} is a string; pass token ids (or use generate_text with a "
                                       f"tokenizer)")
             arr = np.asarray(p)
             if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-                raise GenerationError(f"prompt {i} must be a flat list of integer token ids")
+                raise GenerationError(f"{name} must be a flat list of integer token ids")
             if arr.size == 0 and not allow_empty:
-                raise GenerationError(f"prompt {i} is empty")
+                raise GenerationError(f"{name} is empty")
             bad = arr[(arr < 0) | (arr >= v)]
             if bad.size:
-                raise GenerationError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary [0, {v})")
+                raise GenerationError(f"{name} has token id {int(bad[0])} outside the vocabulary [0, {v})")
             out.append(arr.astype(np.int32))
         return out
 
@@ -257,17 +336,8 @@ class Engine:
             i = int(too_long[0])
             raise GenerationError(f"prompt {i} needs {int(start_pos[i] + lens[i])} positions, more than the "
                                   f"configured maximum {self.max_len}")
-        longest = int(lens.max())
-        chunk = _bucket(longest) if self.prefill_chunk is None else min(self.prefill_chunk, _bucket(longest))
-        padded = _round_up(max(longest, 1), chunk)
-        tokens = np.zeros((b, padded), np.int32)
-        valid = np.zeros((b, padded), bool)
-        positions = np.zeros((b, padded), np.int32)
-        for i, r in enumerate(rows):
-            n = len(r)
-            tokens[i, padded - n:] = r
-            valid[i, padded - n:] = True
-            positions[i, padded - n:] = start_pos[i] + np.arange(n)
+        tokens, positions, valid, chunk = prefill_layout(rows, start_pos, self.prefill_chunk)
+        padded = tokens.shape[1]
         if state is None:
             cache = init_cache(self.config, b, _round_up(padded + reserve, CACHE_ALIGN), mesh=self.mesh,
                                rules=self.rules)
@@ -304,80 +374,154 @@ class Engine:
             self._unstacked = unstack_experts(self.params)
         return self._unstacked
 
+    def eos_ids(self) -> tuple[int, ...]:
+        """Default stop tokens: the config's eos ids and the tokenizer's eos."""
+        eos = tuple(self.config.eos_token_ids)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos = tuple(sorted(set(eos) | {int(self.tokenizer.eos_token_id)}))
+        return eos
+
+    def think_tokens(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(ids of `THINK_CLOSE`, the text forced when a thinking budget runs out; ids of `</think>`, whose
+        appearance closes the think block) in the engine's tokenizer; None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        if self._think is None:
+            self._think = (tuple(self.tokenizer.encode(THINK_CLOSE)), tuple(self.tokenizer.encode(THINK_END)))
+        return self._think
+
+    def thinking_budgets(self, budget, batch: int) -> list[int | None]:
+        """Per-row thinking budgets from `budget` (None: `config.thinking_budget` where a tokenizer can spell
+        `</think>`, else unlimited; an int for every row; or one int/None per row)."""
+        if budget is None:
+            default = self.config.thinking_budget if self.tokenizer is not None else None
+            return [default] * batch
+        budgets = [budget] * batch if isinstance(budget, (int, np.integer)) else list(budget)
+        if len(budgets) != batch:
+            raise GenerationError(f"thinking_budget: got {len(budgets)} budgets for {batch} sequences")
+        for bgt in budgets:
+            if bgt is not None and (isinstance(bgt, bool) or not isinstance(bgt, (int, np.integer)) or bgt < 0):
+                raise GenerationError(f"thinking_budget must be an integer ≥ 0 (tokens) or None, got {bgt!r}")
+        if self.tokenizer is None and any(bgt is not None for bgt in budgets):
+            raise GenerationError("thinking_budget needs a tokenizer (Engine(model, tokenizer)) to spell </think>")
+        return budgets
+
     def decode(self, state: EngineState, sampling: SamplingParams | Sequence[SamplingParams], *,
                callback: Callable | None = None, prompt_tokens: Sequence[int] | None = None,
-               consume_state: bool = False) -> tuple[list[GenerationResult], EngineState]:
+               consume_state: bool = False, thinking_budget=None) -> tuple[list[GenerationResult], EngineState]:
         """Generate from `state` with one `SamplingParams` for all rows or one per row.
 
-        `callback(step, tokens [B], active [B])` is called on the host after every step (streaming).
-        Returns the results and the state after the last generated token (finished rows stop changing their
-        state after their last token). `state` stays usable unless `consume_state=True`.
+        `callback(step, tokens [B], active [B])` is called on the host for every step (streaming), after each
+        burst of `HOST_BURST` steps; stop strings are checked there too. `thinking_budget`: see
+        `thinking_budgets`. Returns the results and the state after the last generated token (finished rows stop
+        changing their state after their last token; a row cut by a stop string may hold up to `HOST_BURST` − 1
+        tokens more). `state` stays usable unless `consume_state=True`.
         """
         b = state.batch_size
         params = [sampling] * b if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != b or not all(isinstance(p, SamplingParams) for p in params):
             raise GenerationError(f"need one SamplingParams or {b} of them")
+        if any(p.stop_strings for p in params) and self.tokenizer is None:
+            raise GenerationError("stop_strings need a tokenizer (Engine(model, tokenizer))")
         max_new = max(p.max_new_tokens for p in params)
         room = int(np.max(to_host(state.positions_B))) + max_new
         if room > self.max_len:
             raise GenerationError(f"prompt + max_new_tokens = {room} positions exceeds the configured maximum "
                                   f"{self.max_len}")
+        sp = sampling_arrays(params, self.eos_ids(), budgets=self.thinking_budgets(thinking_budget, b),
+                             think=self.think_tokens())
         grown = state.replace(cache=self._place(grow_cache(state.cache, int(to_host(state.cache.length)) + max_new)))
         state = grown if consume_state else _fresh(grown, state)
-        eos = tuple(self.config.eos_token_ids)
-        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
-            eos = tuple(sorted(set(eos) | {int(self.tokenizer.eos_token_id)}))
-        sp = sampling_arrays(params, eos)
-        hook = _HostHook(params, self.tokenizer, callback) if (callback or any(p.stop_strings for p in params)) \
-            else None
-        if hook is not None and any(p.stop_strings for p in params) and self.tokenizer is None:
-            raise GenerationError("stop_strings need a tokenizer (Engine(model, tokenizer))")
-        hook_id = id(hook) % (2**31)
-        if hook is not None:
-            _HOOKS[hook_id] = hook
-        try:
+        texts = [RowText(self.tokenizer, p.stop_strings) for p in params]
+        burst = HOST_BURST if callback is not None or any(p.stop_strings for p in params) else max_new
+        prog = RowProgress.start(b)
+        out = {k: [[] for _ in range(b)] for k in ("tokens", "logprobs", "sample_logprobs")}
+        decode_params, step = self._decode_params(b), 0
+        while step < max_new and not prog.finished_B.all():
             with self._on_mesh():
-                (toks, lps, slps, n_gen, reason), new_state = _decode_loop(
-                    self.graphdef, hook is not None, self._decode_params(b), state, sp,
-                    jnp.asarray(max_new, jnp.int32), jnp.asarray(hook_id, jnp.int32))
-            toks = to_host(toks)  # waits for the loop (and its host callbacks) to finish
-        finally:
-            _HOOKS.pop(hook_id, None)
-        lps, slps, n_gen, reason = to_host(lps), to_host(slps), to_host(n_gen), to_host(reason)
+                outs, state, new_prog = _decode_loop(self.graphdef, 0, decode_params, state, prog, sp,
+                                                     jnp.asarray(min(burst, max_new - step), jnp.int32))
+            outs = {k: to_host(v) for k, v in outs.items()}  # waits for the burst
+            new_prog = jax.tree.map(lambda x: np.array(to_host(x)), new_prog)
+            n_new = new_prog.n_gen_B - prog.n_gen_B
+            for j in range(int(n_new.max(initial=0))):
+                active = n_new > j
+                for i in np.nonzero(active)[0]:
+                    for k in out:
+                        out[k][i].append(outs[k][i, j].item())
+                    texts[i].push(int(outs["tokens"][i, j]))
+                    if texts[i].cut is not None:  # a stop string: the row ends at this token
+                        n_new[i] = j + 1
+                        new_prog.finished_B[i], new_prog.reason_B[i] = True, _STOP_STRING
+                if callback is not None:
+                    callback(step + j, outs["tokens"][:, j], active)
+            step, prog = step + int(n_new.max(initial=0)), new_prog
         results = []
         for i in range(b):
-            n = int(n_gen[i])
-            r = GenerationResult(tokens=toks[i, :n].tolist(), logprobs=lps[i, :n].tolist(),
-                                 sample_logprobs=slps[i, :n].tolist(), finish_reason=FINISH_REASONS[int(reason[i])],
-                                 prompt_tokens=0 if prompt_tokens is None else int(prompt_tokens[i]))
+            r = GenerationResult(tokens=out["tokens"][i], logprobs=out["logprobs"][i],
+                                 sample_logprobs=out["sample_logprobs"][i],
+                                 finish_reason=FINISH_REASONS[int(prog.reason_B[i])],
+                                 prompt_tokens=0 if prompt_tokens is None else int(prompt_tokens[i]),
+                                 reasoning_tokens=reasoning_count(int(prog.reasoning_B[i]), len(out["tokens"][i])))
             if self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.tokens)
-                if hook is not None and hook.cut[i] is not None:
-                    r.text = r.text[:hook.cut[i]]
+                if texts[i].cut is not None:
+                    r.text = r.text[:texts[i].cut]
             results.append(r)
-        return results, new_state
+        return results, state
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams], *,
-                 callback: Callable | None = None) -> list[GenerationResult]:
-        """Prefill `prompts` and decode; one result per prompt."""
+                 callback: Callable | None = None, thinking_budget=None) -> list[GenerationResult]:
+        """Prefill `prompts` and decode; one result per prompt (`thinking_budget`: see `thinking_budgets`)."""
         rows = self._check_prompts(prompts)
         params = [sampling] * len(rows) if isinstance(sampling, SamplingParams) else list(sampling)
         reserve = max(p.max_new_tokens for p in params) if params else 1
         state = self.prefill(rows, reserve=reserve)
         results, _ = self.decode(state, params, callback=callback, prompt_tokens=[len(r) for r in rows],
-                                 consume_state=True)
+                                 consume_state=True, thinking_budget=thinking_budget)
         return results
 
 
-def sampling_arrays(params: Sequence[SamplingParams], eos: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The per-row sampling and stopping settings the decode loop reads (`eos`: default stop tokens), as host
-    arrays."""
+def prefill_layout(rows: Sequence[np.ndarray], start_pos: Sequence[int], prefill_chunk: int | None):
+    """How prompts enter the cache: rows left-padded to a multiple of the chunk (`prefill_chunk`, at most the
+    length bucket of the longest row; None: that bucket). Returns (tokens, positions, valid) `[B, P]` host
+    arrays and the chunk."""
+    longest = max(len(r) for r in rows)
+    chunk = _bucket(longest) if prefill_chunk is None else min(prefill_chunk, _bucket(longest))
+    padded = _round_up(max(longest, 1), chunk)
+    b = len(rows)
+    tokens = np.zeros((b, padded), np.int32)
+    valid = np.zeros((b, padded), bool)
+    positions = np.zeros((b, padded), np.int32)
+    for i, r in enumerate(rows):
+        n = len(r)
+        tokens[i, padded - n:] = r
+        valid[i, padded - n:] = True
+        positions[i, padded - n:] = start_pos[i] + np.arange(n)
+    return tokens, positions, valid, chunk
+
+
+def reasoning_count(closed_at: int, generated: int) -> int:
+    """Reasoning tokens of a row whose think block closed at token `closed_at` (0: never): 0 when that token
+    lies beyond the `generated` tokens kept."""
+    return closed_at if 0 < closed_at <= generated else 0
+
+
+def sampling_arrays(params: Sequence[SamplingParams], eos: tuple[int, ...], *,
+                    budgets: Sequence[int | None] | None = None,
+                    think: tuple[Sequence[int], Sequence[int]] | None = None, stop_width: int = 1
+                    ) -> dict[str, np.ndarray]:
+    """The per-row sampling and stopping settings the decode loop reads (`eos`: default stop tokens; `budgets`:
+    thinking budgets, None = unlimited; `think`: the ids of `THINK_CLOSE` and `</think>`; `stop_width`: the
+    least width of the stop-token table), as host arrays."""
     b = len(params)
     stops = [p.stop_token_ids if p.stop_token_ids is not None else eos for p in params]
-    width = max([len(s) for s in stops] + [1])
+    width = max([len(s) for s in stops] + [stop_width])
     stop_ids = np.full((b, width), -1, np.int32)
     for i, s in enumerate(stops):
         stop_ids[i, :len(s)] = s
+    budgets = [None] * b if budgets is None else list(budgets)
+    force, end = think if think is not None else ((), ())
     return {
         "temperature_B": np.asarray([p.temperature for p in params], np.float32),
         "top_k_B": np.asarray([p.top_k for p in params], np.int32),
@@ -388,36 +532,36 @@ def sampling_arrays(params: Sequence[SamplingParams], eos: tuple[int, ...]) -> d
         "rep_n_B": np.asarray([p.repetition_stop or 0 for p in params], np.int32),
         "rep_tau_B": np.asarray([p.repetition_threshold for p in params], np.float32),
         "stop_ids_BxS": np.asarray(stop_ids),
+        "budget_B": np.asarray([-1 if x is None else x for x in budgets], np.int32),
+        "force_ids_F": np.asarray(list(force) or [-1], np.int32),
+        "think_end_T": np.asarray(list(end) or [-1], np.int32),
         "out_capacity": np.zeros((_bucket(max(p.max_new_tokens for p in params)),), np.int8),
     }
 
 
-class _HostHook:
-    """Per-step host work inside the decode loop: streaming callback and stop-string detection."""
+class RowText:
+    """The text of one generated row, detokenized incrementally as its tokens arrive (UTF-8-safe:
+    `StreamDecoder` holds back a split character), and where the first of its stop strings begins (`cut`)."""
 
-    def __init__(self, params: list[SamplingParams], tokenizer, callback):
-        self.params, self.tokenizer, self.callback = params, tokenizer, callback
-        self.ids: list[list[int]] = [[] for _ in params]
-        self.cut: list[int | None] = [None] * len(params)
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.decoder = None if tokenizer is None else tokenizer.stream_decoder()
+        self.stop_strings = tuple(stop_strings)
+        self.text = ""
+        self.cut: int | None = None
 
-    def __call__(self, step, tokens, active):
-        tokens, active = np.asarray(tokens), np.asarray(active)
-        hit = np.zeros(len(self.params), bool)
-        for i, p in enumerate(self.params):
-            if not active[i]:
-                continue
-            self.ids[i].append(int(tokens[i]))
-            if p.stop_strings and self.tokenizer is not None:
-                text = self.tokenizer.decode(self.ids[i])
-                window = max(len(s) for s in p.stop_strings) + 16
-                found = [text.find(s, max(0, len(text) - window - 64)) for s in p.stop_strings]
-                found = [f for f in found if f >= 0]
-                if found:
-                    hit[i] = True
-                    self.cut[i] = min(found)
-        if self.callback is not None:
-            self.callback(int(step), tokens, active)
-        return hit
+    def push(self, token: int) -> str:
+        """Adds one token; returns the text it completes (the first stop string found sets `cut`)."""
+        if self.decoder is None:
+            return ""
+        new = self.decoder.push(token)
+        if new and self.stop_strings and self.cut is None:
+            since = max(0, len(self.text) - max(len(s) for s in self.stop_strings) + 1)
+            self.text += new
+            found = [f for f in (self.text.find(s, since) for s in self.stop_strings) if f >= 0]
+            self.cut = min(found) if found else None
+        else:
+            self.text += new
+        return new
 
 
 def grow_cache(cache: Cache, needed: int) -> Cache:

@@ -306,8 +306,8 @@ def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | N
             next_logits_BxV=_abstract((batch, config.vocab_size), jnp.float32, ("batch", "vocab"), mesh))
         sp = generation.sampling_arrays([SamplingParams(max_new_tokens=1)] * batch, config.eos_token_ids)
         sp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sp)
-        scalar = jax.ShapeDtypeStruct((), i32)
-        return generation._decode_loop.lower(graphdef, False, params, state, sp, scalar, scalar)
+        prog = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), generation.RowProgress.start(batch))
+        return generation._decode_loop.lower(graphdef, 0, params, state, prog, sp, jax.ShapeDtypeStruct((), i32))
     if mode == "prefill":
         c = chunk or context
         toks = _abstract((batch, c), i32, ("batch", None), mesh)

@@ -88,9 +88,11 @@ def filter_logits(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.
     return z
 
 
-def sample_tokens(keys_Bx2: jax.Array, logits_BxV: jax.Array, temperature_B, top_k_B, top_p_B, min_p_B):
+def sample_tokens(keys_Bx2: jax.Array, logits_BxV: jax.Array, temperature_B, top_k_B, top_p_B, min_p_B,
+                  forced_B: jax.Array | None = None):
     """Sample one token per row. Returns (tokens `[B]` int32, model log-prob `[B]` (log-softmax of the raw fp32
-    logits), sampling log-prob `[B]` (under the filtered distribution sampled from; greedy rows: the model's))."""
+    logits), sampling log-prob `[B]` (under the filtered distribution sampled from; greedy rows: the model's)).
+    `forced_B` (optional): rows with a value ≥ 0 take that token instead (both log-probs: the model's)."""
     raw = logits_BxV.astype(jnp.float32)
     needs_filter = jnp.any(top_k_B > 0) | jnp.any(top_p_B < 1.0) | jnp.any(min_p_B > 0)
     scale = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
@@ -102,12 +104,17 @@ def sample_tokens(keys_Bx2: jax.Array, logits_BxV: jax.Array, temperature_B, top
                            lambda: jax.vmap(lambda key, z: jax.random.categorical(key, z))(keys_Bx2, filtered),
                            lambda: greedy)
     tokens = jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
+    is_forced = jnp.zeros(tokens.shape, bool) if forced_B is None else forced_B >= 0
+    if forced_B is not None:
+        tokens = jnp.where(is_forced, forced_B, tokens).astype(jnp.int32)
     model_logp = jnp.take_along_axis(jax.nn.log_softmax(raw, -1), tokens[:, None], -1)[:, 0]
     sample_logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, -1), tokens[:, None], -1)[:, 0]
-    sample_logp = jnp.where(temperature_B > 0, sample_logp, model_logp)
+    sample_logp = jnp.where((temperature_B > 0) & ~is_forced, sample_logp, model_logp)
     return tokens, model_logp, sample_logp
 
 
 def step_keys(seeds_B: jax.Array, step: jax.Array) -> jax.Array:
-    """Per-request, per-step PRNG keys: fold_in(PRNGKey(seed_b), step) — independent of batch composition."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds_B)
+    """Per-request, per-step PRNG keys: fold_in(PRNGKey(seed_b), step_b) — independent of batch composition.
+    `step`: one token index for every row, or one per row (`[B]`)."""
+    steps_B = jnp.broadcast_to(jnp.asarray(step), jnp.shape(seeds_B))
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds_B, steps_B)

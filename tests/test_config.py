@@ -11,7 +11,14 @@ M1_TOTAL = 456_089_655_296
 
 def test_real_m1_config_is_the_preset(fixtures_dir):
     real = ModelConfig.from_json_file(fixtures_dir / "minimax-m1" / "config.json")
-    assert real == ModelConfig.from_preset("minimax-m1-80k") == ModelConfig.from_preset("minimax-m1-40k")
+    p80, p40 = ModelConfig.from_preset("minimax-m1-80k"), ModelConfig.from_preset("minimax-m1-40k")
+
+    def architecture(c):  # the presets add only their default thinking budget to the published config
+        return c.replace(thinking_budget=None, hf_source_json="{}")
+
+    assert architecture(real) == architecture(p80) == architecture(p40)
+    assert (real.thinking_budget, p40.thinking_budget, p80.thinking_budget) == (None, 40_000, 80_000)
+    assert p40.to_hf_dict()["thinking_budget"] == 40_000 and "thinking_budget" not in real.to_hf_dict()
     assert real.softmax_layers == tuple(range(7, 80, 8))
     assert real.rope_dim == 64 and real.block_size == 256 and real.postnorm
     assert real.to_hf_dict() == json.loads((fixtures_dir / "minimax-m1" / "config.json").read_text())

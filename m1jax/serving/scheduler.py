@@ -1,0 +1,559 @@
+"""Continuous batching on one `Engine`: a fixed pool of sequence slots that requests join and leave between
+decode bursts.
+
+Design (the model and the cache format stay those of `Engine`):
+
+* The pool is one `EngineState` of batch `slots` whose cache has `capacity` = `context_window` + `decode_steps`
+  slots on ONE timeline shared by all rows (`cache.length` = L, the slot the next token of every row is written
+  to). A request occupies one row; its tokens fill the row's slots L − span … L − 1 (span = prompt + tokens
+  fed so far); the other slots of the row are invalid, so they never enter a softmax score. RoPE positions
+  are per row, so where a row's tokens sit on the timeline does not change its numerics (summation order
+  aside).
+* A newcomer is prefilled in its own batch-1 state (the engine's prefill layout: left-padded, chunked), at most
+  `prefill_chunk` tokens per `step()`, between the decode bursts of the running rows. When its prompt is done
+  it is inserted into its row right-aligned to the pool's L: its lightning states replace the row's, its K/V
+  and valid mask are placed at slots L − P … L − 1 (P its padded length) and every other slot of the row is
+  made invalid — nothing of the row's previous request survives (`_insert_row`). If L is shorter than the
+  prompt, the whole timeline first moves right; when a burst would run past the capacity it moves left by
+  the smallest start of a live row (`_shift_slots`, both jitted).
+* Decoding runs the engine's own decode loop (`generation._decode_loop`, the step body `decode_step` shared
+  with `Engine.generate`) for bursts of ≤ `decode_steps` steps: per-row key streams `step_keys(seed, n_gen)`,
+  stop tokens, length, repetition, thinking budgets and top log-probs all happen there. Between bursts the
+  host detokenizes incrementally (`RowText`, UTF-8-safe), checks stop strings, streams `Delta`s, frees the
+  slots of finished and cancelled requests and admits waiting ones.
+
+So a request's greedy tokens equal those of `Engine.generate` of its prompt alone, and its log-probs agree to
+fp32 rounding (different prefill chunking and slot placement change summation order only).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m1jax.cache import Cache, init_cache
+from m1jax.generation import (
+    FINISH_REASONS,
+    TOP_LOGPROBS,
+    Engine,
+    EngineState,
+    GenerationError,
+    RowProgress,
+    RowText,
+    _decode_loop,
+    _forward_chunk,
+    _round_up,
+    prefill_layout,
+    reasoning_count,
+    sampling_arrays,
+    to_host,
+)
+from m1jax.sampling import SamplingParams
+
+DEFAULT_CONTEXT = 32_768  # context_window when none is given (capped by the engine's max_len)
+_IDLE = SamplingParams(temperature=0.0, max_new_tokens=1, stop_token_ids=(), repetition_stop=None)
+_STOP_STRING = FINISH_REASONS.index("stop_string")
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request: prompt token ids and how to sample (see `scheduler_contract.md`)."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    request_id: str | None = None
+    thinking_budget: int | None = None
+    expert_threshold: float = 1.0
+    top_logprobs: int = 0
+    return_routed_experts: bool = False
+
+
+@dataclasses.dataclass
+class Delta:
+    """One streamed increment of a request: its new tokens, their model log-probs (and top alternatives), the
+    newly complete text; `finish_reason` is set on the last one."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    text: str
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """The finished request (fields as in `scheduler_contract.md`)."""
+
+    request_id: str
+    prompt_tokens: int
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    text: str | None
+    finish_reason: str
+    reasoning_tokens: int
+    cached_tokens: int = 0
+    routing: dict | None = None
+    routed_experts: np.ndarray | None = None
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: stream its `Delta`s or wait for its `RequestOutput`."""
+
+    def __init__(self, request_id: str, scheduler: Scheduler):
+        self.request_id = request_id
+        self._scheduler = scheduler
+        self._deltas: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+
+    def deltas(self, timeout: float | None = None) -> Iterator[Delta]:
+        """The request's deltas as they come (blocking; `timeout` per delta, TimeoutError past it); ends after
+        the one with a `finish_reason`."""
+        while True:
+            try:
+                d = self._deltas.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no output of request {self.request_id} within {timeout} s") from None
+            if isinstance(d, BaseException):
+                raise GenerationError(f"request {self.request_id} failed: {d}") from d
+            yield d
+            if d.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """The finished request (blocks until it finishes; TimeoutError past `timeout` seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished within {timeout} s")
+        if self._error is not None:
+            raise GenerationError(f"request {self.request_id} failed: {self._error}") from self._error
+        return self._output
+
+    def cancel(self) -> None:
+        """Stop the request (its slot is freed at the scheduler's next step; finish_reason "cancelled")."""
+        self._scheduler.cancel(self.request_id)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _finish(self, output: RequestOutput, last: Delta) -> None:
+        self._output = output
+        self._deltas.put(last)
+        self._done.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._deltas.put(error)
+        self._done.set()
+
+
+@dataclasses.dataclass
+class _Job:
+    """A request inside the scheduler: waiting, prefilling (slot reserved) or decoding in its slot."""
+
+    request: Request
+    handle: RequestHandle
+    prompt: np.ndarray
+    budget: int | None
+    text: RowText
+    slot: int | None = None
+    live: bool = False  # decoding in the pool
+    layout: tuple | None = None  # prefill: (tokens, positions, valid, chunk)
+    done_tokens: int = 0  # prefill progress (padded tokens run)
+    row_cache: Cache | None = None
+    row_logits: jax.Array | None = None
+    span: int = 0  # tokens of the row on the pool's timeline
+    emitted: int = 0  # characters of text streamed
+    tokens: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    top: list = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ pool kernels
+def _move_slots(x: jax.Array, src_S: jax.Array, ok_S: jax.Array, axis: int) -> jax.Array:
+    """`x` with slot j (along `axis`) taken from slot `src_S[j]`, empty (zero / invalid) where `ok_S` is False."""
+    y = jnp.take(x, jnp.clip(src_S, 0, x.shape[axis] - 1), axis=axis)
+    shape = [1] * y.ndim
+    shape[axis] = y.shape[axis]
+    return jnp.where(ok_S.reshape(shape), y, jnp.zeros((), y.dtype))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _shift_slots(cache: Cache, d) -> Cache:
+    """The timeline moved by `d` slots (right for d > 0, left for d < 0): slot j holds old slot j − d; slots with
+    no source are empty and invalid. `length` moves with it."""
+    src_S = jnp.arange(cache.max_len) - d
+    ok_S = (src_S >= 0) & (src_S < cache.max_len)
+    return cache.map_slots(lambda x, axis: _move_slots(x, src_S, ok_S, axis)).replace(length=cache.length + d)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _insert_row(pool: EngineState, row_cache: Cache, row_logits_1xV, slot, length, n_tokens) -> EngineState:
+    """Row `slot` of the pool replaced by a prefilled batch-1 state, right-aligned to `length`: its lightning
+    states copied, its P = `row_cache.length` written slots placed at pool slots length − P … length − 1, every
+    other slot of the row empty and invalid; the row's next RoPE position is `n_tokens`, its next-token logits
+    `row_logits_1xV`."""
+    groups = pool.cache.groups
+    b_axis = 1 if groups else 0
+    written = row_cache.length
+    src_S = jnp.arange(pool.cache.max_len) - (length - written)
+    ok_S = (src_S >= 0) & (src_S < written)
+
+    def put(pool_x, row_x, b_ax, s_ax):
+        r = row_x if s_ax is None else _move_slots(row_x, src_S, ok_S, s_ax)
+        return jax.lax.dynamic_update_slice_in_dim(pool_x, r.astype(pool_x.dtype), slot, axis=b_ax)
+
+    layers = tuple(tuple(put(p, r, b_axis, b_axis + 1) for p, r in zip(pl, rl, strict=True))
+                   if isinstance(pl, tuple) else put(pl, rl, b_axis, None)
+                   for pl, rl in zip(pool.cache.layers, row_cache.layers, strict=True))
+    cache = pool.cache.replace(layers=layers, valid_BxS=put(pool.cache.valid_BxS, row_cache.valid_BxS, 0, 1),
+                               length=jnp.asarray(length, jnp.int32))
+    return EngineState(cache=cache, positions_B=pool.positions_B.at[slot].set(n_tokens),
+                       next_logits_BxV=pool.next_logits_BxV.at[slot].set(row_logits_1xV[0]))
+
+
+# --------------------------------------------------------------------------------------------- scheduler
+class Scheduler:
+    """Continuous batching over `engine` (see the module docstring for the design).
+
+    `slots` rows decode together; `context_window` bounds prompt + max_new_tokens of a request (default: the
+    engine's max_len, at most `DEFAULT_CONTEXT`); each `step()` runs ≤ `prefill_chunk` prompt tokens of one
+    newcomer and one decode burst of ≤ `decode_steps` steps."""
+
+    def __init__(self, engine: Engine, *, slots: int = 8, context_window: int | None = None,
+                 prefill_chunk: int = 256, decode_steps: int = 4, prefix_cache_tokens: int = 0):
+        for name, value in (("slots", slots), ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise GenerationError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if prefix_cache_tokens:
+            raise GenerationError("prefix_cache_tokens: the prefix cache is not part of this scheduler yet (use 0)")
+        cw = min(engine.max_len, DEFAULT_CONTEXT) if context_window is None else context_window
+        if isinstance(cw, bool) or not isinstance(cw, (int, np.integer)) or not 2 <= cw <= engine.max_len:
+            raise GenerationError(f"context_window must be an integer in [2, {engine.max_len}] (the engine's "
+                                  f"max_len), got {context_window!r}")
+        self.engine, self.config = engine, engine.config
+        self.slots, self.context_window = int(slots), int(cw)
+        self.prefill_chunk, self.decode_steps = int(prefill_chunk), int(decode_steps)
+        self.capacity = _round_up(self.context_window + self.decode_steps, 8)
+        self._row_slots = _round_up(self.context_window, self.prefill_chunk)  # a newcomer's cache (one shape)
+        self.shifts = 0  # timeline moves so far (left or right)
+        self._reset_pool()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._cancels: set[str] = set()
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._generated = 0
+        self._busy_s = 0.0
+
+    def _reset_pool(self) -> None:
+        """An empty pool: every slot free, the cache zeroed."""
+        c, e = self.config, self.engine
+        self._state = EngineState(
+            cache=init_cache(c, self.slots, self.capacity, mesh=e.mesh, rules=e.rules),
+            positions_B=jnp.zeros((self.slots,), jnp.int32),
+            next_logits_BxV=jnp.zeros((self.slots, c.vocab_size), jnp.float32))
+        self._prog = RowProgress.start(self.slots, finished=True)
+        self._length = 0
+        self._jobs: list[_Job | None] = [None] * self.slots
+        self._prefilling: _Job | None = None
+        self._sp: dict | None = None
+
+    # ------------------------------------------------------------------------------------ public API
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue `request`; returns its handle. `GenerationError` (naming the field) on bad input."""
+        job = self._validate(request)
+        with self._lock:
+            if job.request.request_id in self._ids:
+                raise GenerationError(f"request_id {job.request.request_id!r} is already in use")
+            self._ids.add(job.request.request_id)
+            self._waiting.append(job)
+            self._wake.notify_all()
+        return job.handle
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step (its slot freed, finish_reason "cancelled"); unknown or finished ids
+        are ignored."""
+        with self._lock:
+            if request_id in self._ids:
+                self._cancels.add(request_id)
+                self._wake.notify_all()
+
+    def step(self) -> bool:
+        """One iteration: cancellations, admission of a waiting request, ≤ one prefill chunk, one decode burst.
+        Returns False when nothing is left to do."""
+        with self._step_lock:
+            t0 = time.perf_counter()
+            with self._lock:
+                cancels, self._cancels = self._cancels, set()
+            for rid in cancels:
+                self._cancel_now(rid)
+            self._admit()
+            worked = self._prefill_chunk()
+            worked = self._decode_burst() or worked
+            if worked:
+                self._busy_s += time.perf_counter() - t0
+            return self._pending()
+
+    def run(self, requests: Sequence[Request]) -> list[RequestOutput]:
+        """Submit all `requests`, step until they finish (or wait for the background thread); outputs in order."""
+        handles = [self.submit(r) for r in requests]
+        while not all(h.done for h in handles):
+            if self._thread is None:
+                self.step()
+            else:
+                handles[[h.done for h in handles].index(False)]._done.wait(0.05)
+        return [h.result() for h in handles]
+
+    def start(self) -> None:
+        """Drive `step()` from a background thread (a server's loop) until `shutdown()`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="m1jax-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the background thread; requests still pending finish as "cancelled"."""
+        if self._thread is not None:
+            with self._lock:
+                self._stopping = True
+                self._wake.notify_all()
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            self._cancels |= set(self._ids)
+        self.step()
+
+    def stats(self) -> dict:
+        """Queue and throughput counters: waiting, running, slots, generated_tokens, tokens_per_s (generated
+        tokens over the time steps had work), prefix_lookups, prefix_hits."""
+        with self._lock:
+            waiting = len(self._waiting)
+        running = sum(j is not None for j in self._jobs)
+        return {"waiting": waiting, "running": running, "slots": self.slots, "generated_tokens": self._generated,
+                "tokens_per_s": self._generated / self._busy_s if self._busy_s else 0.0,
+                "prefix_lookups": 0, "prefix_hits": 0}
+
+    # ------------------------------------------------------------------------------------ validation
+    def _validate(self, request: Request) -> _Job:
+        if not isinstance(request, Request):
+            raise GenerationError(f"submit takes a Request, got {type(request).__name__}")
+        if not isinstance(request.sampling, SamplingParams):
+            raise GenerationError("sampling must be an m1jax.sampling.SamplingParams")
+        [prompt] = self.engine._check_prompts([request.prompt], label="prompt")
+        sp = request.sampling
+        if len(prompt) + sp.max_new_tokens > self.context_window:
+            raise GenerationError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({sp.max_new_tokens}) exceeds "
+                                  f"the context_window {self.context_window}")
+        k = request.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
+            raise GenerationError(f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}], got {k!r}")
+        [budget] = self.engine.thinking_budgets(request.thinking_budget, 1)
+        et = request.expert_threshold
+        if isinstance(et, bool) or not isinstance(et, (int, float)) or not 0 < et <= 1:
+            raise GenerationError(f"expert_threshold must be a number in (0, 1], got {et!r}")
+        if et != 1.0:
+            raise GenerationError("expert_threshold < 1 is not implemented yet (only 1.0, the exact top-2)")
+        if request.return_routed_experts:
+            raise GenerationError("return_routed_experts is not implemented yet")
+        if sp.stop_strings and self.engine.tokenizer is None:
+            raise GenerationError("stop_strings need a tokenizer (Engine(model, tokenizer))")
+        if request.request_id is not None and not isinstance(request.request_id, str):
+            raise GenerationError(f"request_id must be a string or None, got {type(request.request_id).__name__}")
+        request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        return _Job(request=request, handle=RequestHandle(request.request_id, self), prompt=prompt, budget=budget,
+                    text=RowText(self.engine.tokenizer, sp.stop_strings))
+
+    # ------------------------------------------------------------------------------------ iteration parts
+    def _pending(self) -> bool:
+        with self._lock:
+            return bool(self._waiting) or self._prefilling is not None or any(j is not None for j in self._jobs)
+
+    def _admit(self) -> None:
+        """Start prefilling the next waiting request when no prefill runs and a slot is free."""
+        if self._prefilling is not None or None not in self._jobs:
+            return
+        with self._lock:
+            if not self._waiting:
+                return
+            job = self._waiting.popleft()
+        job.slot = self._jobs.index(None)
+        self._jobs[job.slot] = job
+        tokens, positions, valid, chunk = prefill_layout([job.prompt], [0], self.prefill_chunk)
+        job.layout = (tokens, positions, valid, chunk)
+        job.row_cache = init_cache(self.config, 1, self._row_slots, mesh=self.engine.mesh, rules=self.engine.rules)
+        self._prefilling = job
+
+    def _prefill_chunk(self) -> bool:
+        """One chunk of the newcomer's prompt; at its end the row joins the pool."""
+        job = self._prefilling
+        if job is None:
+            return False
+        tokens, positions, valid, chunk = job.layout
+        s = job.done_tokens
+        with self.engine._on_mesh():
+            job.row_cache, job.row_logits = _forward_chunk(
+                self.engine.graphdef, self.engine.params, job.row_cache, jnp.asarray(tokens[:, s:s + chunk]),
+                jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]))
+        job.done_tokens += chunk
+        if job.done_tokens >= tokens.shape[1]:
+            self._join_pool(job)
+        return True
+
+    def _join_pool(self, job: _Job) -> None:
+        n = len(job.prompt)
+        if not any(j is not None and j.live for j in self._jobs):
+            self._length = n  # an idle pool: the timeline starts over
+        elif self._length < n:
+            self._shift(n - self._length)
+        with self.engine._on_mesh():
+            self._state = _insert_row(self._state, job.row_cache, job.row_logits, job.slot, self._length, n)
+        i = job.slot
+        fresh = RowProgress.start(1)
+        for f in dataclasses.fields(RowProgress):
+            getattr(self._prog, f.name)[i] = getattr(fresh, f.name)[0]
+        job.live, job.span, job.row_cache, job.row_logits, job.layout = True, n, None, None, None
+        self._prefilling = None
+        self._sp = None
+
+    def _shift(self, d: int) -> None:
+        with self.engine._on_mesh():
+            self._state = self._state.replace(cache=_shift_slots(self._state.cache, jnp.asarray(d, jnp.int32)))
+        self._length += d
+        self.shifts += 1
+
+    def _sampling(self) -> dict:
+        """The decode loop's per-slot settings (rebuilt when the slots' requests change)."""
+        if self._sp is None:
+            live = [j if j is not None and j.live else None for j in self._jobs]
+            sp = sampling_arrays([j.request.sampling if j else _IDLE for j in live], self.engine.eos_ids(),
+                                 budgets=[j.budget if j else None for j in live], think=self.engine.think_tokens(),
+                                 stop_width=8)
+            sp["out_capacity"] = np.zeros((self.decode_steps,), np.int8)
+            self._sp = sp
+        return self._sp
+
+    def _decode_burst(self) -> bool:
+        live = [j for j in self._jobs if j is not None and j.live]
+        if not live:
+            return False
+        if self._length + self.decode_steps > self.capacity:
+            self._shift(-min(self._length - j.span for j in live))
+        n_top = TOP_LOGPROBS if any(j.request.top_logprobs for j in live) else 0
+        before = self._prog
+        with self.engine._on_mesh():
+            outs, self._state, prog = _decode_loop(
+                self.engine.graphdef, n_top, self.engine._decode_params(self.slots), self._state, before,
+                self._sampling(), jnp.asarray(self.decode_steps, jnp.int32))
+        outs = {k: to_host(v) for k, v in outs.items()}
+        prog = jax.tree.map(lambda x: np.array(to_host(x)), prog)
+        self._length = int(to_host(self._state.cache.length))
+        n_new = prog.n_gen_B - before.n_gen_B
+        self._prog = prog
+        for job in live:
+            self._collect(job, outs, int(n_new[job.slot]))
+        return True
+
+    def _collect(self, job: _Job, outs: dict, n_new: int) -> None:
+        """The host side of a burst for one request: its new tokens, text, stop strings, delta, finish."""
+        i, k = job.slot, job.request.top_logprobs
+        job.span += n_new  # every generated token was fed
+        new_tokens, new_lps, new_top = [], [], []
+        for j in range(n_new):
+            new_tokens.append(int(outs["tokens"][i, j]))
+            new_lps.append(float(outs["logprobs"][i, j]))
+            if k:
+                new_top.append([(int(t), float(lp)) for t, lp in
+                                zip(outs["top_ids"][i, j, :k], outs["top_logprobs"][i, j, :k], strict=True)])
+            job.text.push(new_tokens[-1])
+            if job.text.cut is not None:
+                self._prog.finished_B[i], self._prog.reason_B[i] = True, _STOP_STRING
+                break
+        job.tokens += new_tokens
+        job.logprobs += new_lps
+        job.top += new_top
+        self._generated += len(new_tokens)
+        delta = Delta(token_ids=new_tokens, logprobs=new_lps, top_logprobs=new_top if k else None, text="",
+                      finish_reason=None)
+        if self._prog.finished_B[i]:
+            self._finish(job, FINISH_REASONS[int(self._prog.reason_B[i])], delta)
+        else:
+            end = len(job.text.text) if job.text.cut is None else job.text.cut
+            delta.text, job.emitted = job.text.text[job.emitted:end], end
+            job.handle._deltas.put(delta)
+
+    def _finish(self, job: _Job, reason: str, delta: Delta | None = None) -> None:
+        """Deliver the last delta and the output of `job`, free its slot."""
+        tok = self.engine.tokenizer
+        text = None
+        if tok is not None:
+            text = tok.decode(job.tokens)
+            if job.text.cut is not None:
+                text = text[:job.text.cut]
+        k = job.request.top_logprobs
+        delta = delta or Delta(token_ids=[], logprobs=[], top_logprobs=[] if k else None, text="", finish_reason=None)
+        delta.text, delta.finish_reason = (text or "")[job.emitted:], reason
+        reasoning = reasoning_count(int(self._prog.reasoning_B[job.slot]), len(job.tokens)) if job.live else 0
+        out = RequestOutput(request_id=job.request.request_id, prompt_tokens=len(job.prompt), tokens=job.tokens,
+                            logprobs=job.logprobs, top_logprobs=job.top if k else None, text=text,
+                            finish_reason=reason, reasoning_tokens=reasoning)
+        if job.slot is not None:
+            self._prog.finished_B[job.slot] = True
+            self._jobs[job.slot] = None
+            self._sp = None
+        with self._lock:
+            self._ids.discard(job.request.request_id)
+        job.handle._finish(out, delta)
+
+    def _cancel_now(self, request_id: str) -> None:
+        with self._lock:
+            waiting = [j for j in self._waiting if j.request.request_id == request_id]
+            for j in waiting:
+                self._waiting.remove(j)
+        if self._prefilling is not None and self._prefilling.request.request_id == request_id:
+            waiting.append(self._prefilling)
+            self._prefilling = None
+        for job in waiting + [j for j in self._jobs if j is not None and j.live
+                              and j.request.request_id == request_id]:
+            self._finish(job, "cancelled")
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+            try:
+                busy = self.step()
+            except Exception as e:  # a failed step fails its requests, never the waiting callers
+                self._fail_all(e)
+                busy = False
+            if not busy:
+                with self._lock:
+                    if not self._stopping and not self._waiting and not self._cancels:
+                        self._wake.wait(0.1)
+
+    def _fail_all(self, error: BaseException) -> None:
+        jobs = [j for j in self._jobs if j is not None]
+        with self._lock:
+            jobs += list(self._waiting)
+            self._waiting.clear()
+            self._ids.clear()
+        self._reset_pool()  # a failed call may have consumed (donated) the pool's buffers
+        for job in jobs:
+            job.handle._fail(error)

@@ -1,0 +1,191 @@
+"""The continuous-batching scheduler: every request equals `Engine.generate` of its prompt alone (greedy and
+sampled, staggered arrivals, slot reuse, timeline shifts, cancellation), thinking budgets, top log-probs
+against a full forward, streaming deltas with stop strings, concurrent `generate` calls, bad requests."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax.demo import demo_model, demo_tokenizer
+from m1jax.generation import THINK_CLOSE, Engine, GenerationError
+from m1jax.sampling import SamplingParams
+from m1jax.serving import Request, Scheduler
+
+# One pool shape for every test (compiles are shared): 2 slots, a 64-token context window (so long runs move the
+# timeline), 16-token prefill chunks, bursts of 4.
+POOL = dict(slots=2, context_window=64, prefill_chunk=16, decode_steps=4)
+
+
+def sp(max_new, temperature=0.0, seed=0, **kw):
+    return SamplingParams(temperature=temperature, max_new_tokens=max_new, seed=seed, stop_token_ids=(),
+                          repetition_stop=None, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return demo_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return demo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, tok):
+    return Engine(tiny, tok)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 500, n).tolist() for n in (3, 29, 12, 40, 7)]
+
+
+def alone(engine, prompt, sampling, **kw):
+    return engine.generate([prompt], sampling, **kw)[0]
+
+
+def assert_same(out, ref):
+    assert out.tokens == ref.tokens
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert out.finish_reason == ref.finish_reason
+
+
+def test_staggered_requests_equal_generate_alone(engine, prompts):
+    """Five requests (greedy and sampled, different lengths and budgets) through two slots, arriving at different
+    steps: slots are reused, the timeline moves, and each request equals its own `generate` run."""
+    samplings = [sp(10), sp(7, temperature=0.9, seed=3, top_k=50), sp(13), sp(12, temperature=1.0, seed=11),
+                 sp(9, temperature=0.7, seed=5, top_p=0.9)]
+    sched = Scheduler(engine, **POOL)
+    handles = [sched.submit(Request(prompts[i], samplings[i])) for i in (0, 1)]
+    for _ in range(3):
+        sched.step()
+    handles += [sched.submit(Request(prompts[i], samplings[i])) for i in (2, 3)]
+    sched.step()
+    handles.append(sched.submit(Request(prompts[4], samplings[4])))
+    while sched.step():
+        pass
+    for h, p, s in zip(handles, prompts, samplings, strict=True):
+        out = h.result(timeout=0)
+        assert out.prompt_tokens == len(p) and out.reasoning_tokens == 0 and out.top_logprobs is None
+        assert_same(out, alone(engine, p, s))
+    assert sched.shifts > 0  # the 64-token window forced the timeline to move
+    assert sched.stats()["running"] == 0 and sched.stats()["generated_tokens"] == 10 + 7 + 13 + 12 + 9
+
+
+def test_cancel_frees_the_slot_and_leaves_the_others_exact(engine, prompts):
+    sched = Scheduler(engine, **POOL)
+    a = sched.submit(Request(prompts[0], sp(30), request_id="a"))
+    b = sched.submit(Request(prompts[1], sp(12), request_id="b"))
+    c = sched.submit(Request(prompts[2], sp(8), request_id="c"))  # waits for a slot
+    for _ in range(4):
+        sched.step()
+    assert sched.stats()["waiting"] == 1
+    a.cancel()
+    sched.step()
+    assert sched.stats()["waiting"] == 0  # c took a's slot
+    while sched.step():
+        pass
+    out_a = a.result(timeout=0)
+    assert out_a.finish_reason == "cancelled" and 0 < len(out_a.tokens) < 30
+    assert out_a.tokens == alone(engine, prompts[0], sp(30)).tokens[:len(out_a.tokens)]
+    assert_same(b.result(timeout=0), alone(engine, prompts[1], sp(12)))
+    assert_same(c.result(timeout=0), alone(engine, prompts[2], sp(8)))
+    sched.cancel("a")  # finished: ignored
+
+
+def test_thinking_budget_and_top_logprobs(engine, tiny, tok, prompts):
+    """The budget forces `\\n</think>\\n\\n` at exactly the budget (scheduler and `generate` alike), the forced
+    tokens carry the model's log-probs, and the top log-probs are those of the full forward's log-softmax."""
+    force = tok.encode(THINK_CLOSE)
+    budget, s = 5, sp(16)
+    sched = Scheduler(engine, **POOL)
+    [out] = sched.run([Request(prompts[1], s, thinking_budget=budget, top_logprobs=5)])
+    assert out.tokens[budget:budget + len(force)] == force
+    assert out.reasoning_tokens == budget + force.index(tok.encode("</think>")[-1]) + 1
+    ref = alone(engine, prompts[1], s, thinking_budget=budget)
+    assert_same(out, ref)
+    assert ref.reasoning_tokens == out.reasoning_tokens
+    free = alone(engine, prompts[1], s)
+    assert free.tokens[:budget] == out.tokens[:budget] and free.tokens[budget:budget + len(force)] != force
+    assert free.reasoning_tokens == 0
+    # against a full forward over prompt + output
+    seq = prompts[1] + out.tokens
+    logp = np.asarray(jax.nn.log_softmax(tiny(jnp.asarray([seq])).logits[0], -1))[len(prompts[1]) - 1:-1]
+    np.testing.assert_allclose(out.logprobs, logp[np.arange(len(out.tokens)), out.tokens], atol=1e-5)
+    for t, top in enumerate(out.top_logprobs):
+        ids = [i for i, _ in top]
+        assert len(top) == 5 and ids == np.argsort(-logp[t])[:5].tolist()
+        np.testing.assert_allclose([v for _, v in top], logp[t, ids], atol=1e-5)
+
+
+def test_streaming_deltas_and_stop_strings_on_the_background_thread(engine, tok):
+    ids = tok.encode("The model")
+    base = alone(engine, ids, sp(12))
+    stop = base.text[4:7]
+    assert stop and stop in base.text
+    sched = Scheduler(engine, **POOL)
+    sched.start()
+    try:
+        h = sched.submit(Request(ids, sp(12, stop_strings=(stop,))))
+        deltas = list(h.deltas(timeout=300))
+        out = h.result(timeout=300)
+    finally:
+        sched.shutdown()
+    assert out.finish_reason == "stop_string" and deltas[-1].finish_reason == "stop_string"
+    assert out.text == base.text[:base.text.find(stop)] == "".join(d.text for d in deltas)
+    assert out.tokens == base.tokens[:len(out.tokens)] == [t for d in deltas for t in d.token_ids]
+    assert sum(d.finish_reason is not None for d in deltas) == 1
+
+
+def test_concurrent_generate_calls_with_stop_strings_do_not_cross_talk(engine, tok):
+    texts = ["The model", "Lightning attention", "A mixture of experts"]
+    samplings = [sp(10, stop_strings=(s,)) for s in ("e", "n", "t")]
+    expected = [alone(engine, tok.encode(t), s) for t, s in zip(texts, samplings, strict=True)]
+    got, seen = [None] * 3, [[] for _ in range(3)]
+
+    def work(i):
+        got[i] = alone(engine, tok.encode(texts[i]), samplings[i],
+                       callback=lambda step, toks, active: seen[i].append(int(toks[0])) if active[0] else None)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, e, s in zip(got, expected, seen, strict=True):
+        assert g.tokens == e.tokens and g.text == e.text and g.finish_reason == e.finish_reason
+        assert s == g.tokens
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=[1, 2, 600]), "prompt has token id 600"),
+    (dict(prompt=[1] * 60), "context_window 64"),
+    (dict(top_logprobs=21), "top_logprobs"),
+    (dict(thinking_budget=-1), "thinking_budget"),
+    (dict(expert_threshold=0.5), "expert_threshold"),
+    (dict(expert_threshold=1.5), "expert_threshold"),
+    (dict(sampling="greedy"), "sampling"),
+    (dict(request_id=7), "request_id"),
+])
+def test_bad_requests_are_named(engine, kwargs, match):
+    sched = Scheduler(engine, **POOL)
+    request = dict(prompt=[1, 2, 3], sampling=sp(8))
+    with pytest.raises(GenerationError, match=match):
+        sched.submit(Request(**{**request, **kwargs}))
+
+
+def test_bad_scheduler_settings_are_named(engine):
+    with pytest.raises(GenerationError, match="slots"):
+        Scheduler(engine, slots=0)
+    with pytest.raises(GenerationError, match="context_window"):
+        Scheduler(engine, context_window=10**9)
+    sched = Scheduler(engine, **POOL)
+    sched.submit(Request([1, 2], sp(4), request_id="x"))
+    with pytest.raises(GenerationError, match="already in use"):
+        sched.submit(Request([1, 2], sp(4), request_id="x"))
