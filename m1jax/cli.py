@@ -142,6 +142,81 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _serving_setup(args, *, local_devices: bool = False):
+    """(scheduler, tokenizer, model, model name, request defaults) for `serve` / `batch` from their flags."""
+    import pathlib
+
+    from m1jax.generation import Engine
+    from m1jax.plan import PlanError, parse_mesh
+    from m1jax.serving import Scheduler
+    from m1jax.serving.openai_protocol import Defaults
+
+    for flag in ("slots", "context_window", "prefill_chunk", "decode_steps", "max_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    try:
+        defaults = Defaults(temperature=args.temperature, max_tokens=args.max_tokens)
+        from m1jax.sampling import SamplingParams
+
+        SamplingParams(temperature=args.temperature)
+    except ValueError as e:
+        raise UserError(f"--temperature: {e}") from None
+    mesh = None
+    if args.mesh:
+        import jax
+
+        from m1jax.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(parse_mesh(args.mesh), devices=jax.local_devices() if local_devices else None)
+        except (PlanError, ValueError) as e:
+            raise UserError(f"--mesh {args.mesh}: {e}") from None
+    model, tokenizer = _load_model_and_tokenizer(args)
+    engine = Engine(model, tokenizer, mesh=mesh)
+    scheduler = Scheduler(engine, slots=args.slots, context_window=args.context_window,
+                          prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                          prefix_cache_tokens=args.prefix_cache_tokens)
+    name = args.served_model_name or (pathlib.Path(args.model).name if args.model else
+                                      f"m1jax-{args.preset}" if args.preset else "m1jax-demo")
+    return scheduler, tokenizer, model, name, defaults
+
+
+def cmd_serve(args) -> int:
+    """Serve the model over HTTP (`m1jax.serving.server`) until interrupted."""
+    import uvicorn
+
+    from m1jax.serving.server import create_app
+
+    scheduler, tokenizer, _, name, defaults = _serving_setup(args)
+    app = create_app(scheduler, tokenizer, name, context_window=args.context_window, defaults=defaults)
+    scheduler.start()
+    print(f"m1jax serve: {name} on http://{args.host}:{args.port} ({args.slots} slots, context window "
+          f"{args.context_window})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        scheduler.shutdown()
+    return 0
+
+
+def cmd_batch(args) -> int:
+    """Run (or resume) a batch job (`m1jax.serving.batch`) and print its summary."""
+    import jax
+
+    from m1jax.serving.batch import model_fingerprint, run_batch
+
+    replicas = args.replicas if args.replicas is not None else jax.process_count()
+    replica = args.replica if args.replica is not None else (jax.process_index() if args.replicas is None else 0)
+    if replicas < 1 or not 0 <= replica < replicas:
+        raise UserError(f"--replica {replica} must be in [0, --replicas {replicas})")
+    scheduler, tokenizer, model, name, defaults = _serving_setup(args, local_devices=replicas > 1)
+    summary = run_batch(args.input, args.output_dir, scheduler, tokenizer, model_name=name,
+                        model_fingerprint=model_fingerprint(model), context_window=args.context_window,
+                        defaults=defaults, replica=replica, replicas=replicas, progress=args.progress)
+    print(f"m1jax batch: {summary}", file=sys.stderr)
+    return 0
+
+
 def cmd_plan(args) -> int:
     """Per-chip memory, collectives and a step-time estimate of a model on a named topology (`m1jax.plan`)."""
     import json
@@ -164,6 +239,33 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _add_model_args(p) -> None:
+    """The flags `_load_model_and_tokenizer` reads (generate, serve, batch)."""
+    p.add_argument("--model", help="HF checkpoint dir or converted m1jax checkpoint (default: the embedded trained "
+                   "demo model, m1jax/demo_model)")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the model dir)")
+    p.add_argument("--preset", help="a preset with random weights instead of the trained demo model (e.g. tiny)")
+    p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m],
+                   help="int8 routed experts (quantized while loading; a checkpoint converted with --quantize "
+                        "loads int8 without it)")
+
+
+def _add_scheduler_args(p) -> None:
+    """The flags of the continuous-batching scheduler and the request defaults (serve, batch)."""
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
+    p.add_argument("--slots", type=int, default=8, help="concurrent sequences (decode batch)")
+    p.add_argument("--context-window", type=int, default=4096, help="most tokens per sequence (prompt + output)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
+    p.add_argument("--decode-steps", type=int, default=4, help="decode steps per scheduler step")
+    p.add_argument("--prefix-cache-tokens", type=int, default=0, help="prefix-cache capacity in tokens (0: off)")
+    p.add_argument("--served-model-name", help="the model name in the API (default: the --model dir's name, "
+                   "m1jax-PRESET or m1jax-demo)")
+    p.add_argument("--temperature", type=float, default=1.0, help="default temperature of requests that give none")
+    p.add_argument("--max-tokens", type=int, default=1024, help="default max_tokens of chat requests that give none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m1jax", description="MiniMax-M1 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,15 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate text (streams to stdout); without --model: the trained demo model")
-    p.add_argument("--model", help="HF checkpoint dir or converted m1jax checkpoint (default: the embedded trained "
-                   "demo model, m1jax/demo_model)")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the model dir)")
-    p.add_argument("--preset", help="a preset with random weights instead of the trained demo model (e.g. tiny)")
-    p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m],
-                   help="int8 routed experts (quantized while loading; a checkpoint converted with --quantize "
-                        "loads int8 without it)")
+    _add_model_args(p)
     p.add_argument("--prompt", help=f"prompt text (user message with --chat; default {DEFAULT_PROMPT!r})")
     p.add_argument("--input-file", help="UTF-8 text file as the whole prompt, tokenized in blocks and prefilled "
                    "chunk by chunk (documents of any length)")
@@ -209,6 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "the config's thinking_budget, if any)")
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="HTTP server: OpenAI-compatible chat/completions and POST "
+                       "/v1/minimax-m1/generate over the continuous-batching scheduler")
+    _add_model_args(p)
+    _add_scheduler_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="run an OpenAI Batch API file (resumable after a kill: rerun the same command)")
+    p.add_argument("input", help="input .jsonl: {custom_id, method, url, body} per line")
+    p.add_argument("output_dir", help="output.jsonl, errors.jsonl, manifest.json and the journal go here")
+    _add_model_args(p)
+    _add_scheduler_args(p)
+    p.add_argument("--replicas", type=int, help="data-parallel replicas sharing the input (default: the number of "
+                   "JAX processes)")
+    p.add_argument("--replica", type=int, help="this replica's index (default: the JAX process index)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("plan", help="per-chip memory, collectives and step-time estimate on a TPU slice (compiled "
                        "deviceless) or GPU host (arithmetic)")
