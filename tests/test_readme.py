@@ -8,7 +8,9 @@ README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_quick_start_runs_as_written(capsys):
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "/path/to/" not in b]
+    # skipped: blocks needing a real checkpoint or a running `m1jax serve` (tests/test_server.py runs that client)
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S)
+              if "/path/to/" not in b and "localhost:8000" not in b]
     assert len(blocks) >= 2
     namespace: dict = {}
     for block in blocks:

@@ -570,7 +570,8 @@ class ChatStream:
         self.prepared, self.tokenizer = prepared, tokenizer
         self.head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
         self.include_usage = include_usage
-        self.parser = OutputStreamParser(parse_tools=prepared.tools)
+        self.parser = OutputStreamParser(parse_tools=prepared.tools,
+                                         expect_think_close=prepared.request.thinking_budget is not None)
         self.n_calls = 0
         self.tokens: list[int] = []
 

@@ -3,8 +3,11 @@
 `m1jax.chat.parse_output` splits a finished text; `OutputStreamParser` does the same while the text arrives in
 pieces, emitting each piece as soon as it cannot be part of a tag. The concatenations of its reasoning and content
 events equal `parse_output(text).reasoning` / `.content`, and its tool-call events equal `.tool_calls`, for any
-split of `text` (tests/test_server.py checks this), with one exception: a `</think>` that was never opened makes
-the text before it reasoning in `parse_output`, which a stream cannot take back (the streamed text stays content).
+split of `text` (tests/test_server.py checks this). One case needs a hint: a `</think>` that was never opened
+makes the text before it reasoning in `parse_output` (a forced end of thinking, a template that opens the block),
+which a stream cannot take back once sent as content. With `expect_think_close=True` (a thinking budget is set, so
+a `</think>` comes within the budget) text before the first tag is held until it is classified; without it such
+text streams as content.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ class OutputStreamParser:
     With `parse_tools=False` tool-call blocks stay content.
     """
 
-    def __init__(self, *, parse_tools: bool = True):
+    def __init__(self, *, parse_tools: bool = True, expect_think_close: bool = False):
         self.parse_tools = parse_tools
+        self.holding = expect_think_close  # text before the first think tag is held until classified
         self.mode = "content"
         self.seen_think = False
         self.buf = ""
@@ -66,6 +70,16 @@ class OutputStreamParser:
         """The events `text` (the next piece of output) completes."""
         events: list = []
         self.buf += text
+        if self.holding:
+            close, start = self.buf.find(THINK_CLOSE), self.buf.find(THINK_OPEN)
+            if close != -1 and (start == -1 or close < start):  # everything before an unopened </think> is reasoning
+                self.holding, self.seen_think, self.mode = False, True, "reasoning"
+                self._emit(self.buf[:close], events)
+                self.mode, self.buf = "content", self.buf[close + len(THINK_CLOSE):]
+            elif start != -1:
+                self.holding = False
+            else:
+                return events
         while True:
             tags = self._tags()
             hits = [(self.buf.find(t), t) for t in tags]
@@ -92,6 +106,9 @@ class OutputStreamParser:
     def finish(self) -> list[tuple[str, object]]:
         """The events of the text still held back, at the end of the output (an unclosed block ends here)."""
         events: list = []
+        if self.holding:
+            self.holding = False
+            events += self.push("")
         self._emit(self.buf, events)
         self.buf = ""
         if self.mode == "tools":
