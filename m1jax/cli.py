@@ -154,13 +154,9 @@ def _serving_setup(args, *, local_devices: bool = False):
     for flag in ("slots", "context_window", "prefill_chunk", "decode_steps", "max_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
-    try:
-        defaults = Defaults(temperature=args.temperature, max_tokens=args.max_tokens)
-        from m1jax.sampling import SamplingParams
-
-        SamplingParams(temperature=args.temperature)
-    except ValueError as e:
-        raise UserError(f"--temperature: {e}") from None
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be ≥ 0, got {args.temperature}")
+    defaults = Defaults(temperature=args.temperature, max_tokens=args.max_tokens)
     mesh = None
     if args.mesh:
         import jax

@@ -19,7 +19,7 @@ from m1jax.serving.batch import BatchError, model_fingerprint, read_input, run_b
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT, SLOTS = 256, 4
-CLI_FLAGS = ["--slots", str(SLOTS), "--context-window", str(CONTEXT), "--prefill-chunk", "64",
+CLI_FLAGS = ["--preset", "tiny", "--slots", str(SLOTS), "--context-window", str(CONTEXT), "--prefill-chunk", "64",
              "--served-model-name", "m1jax-tiny", "--no-progress"]
 
 

@@ -297,7 +297,11 @@ def run_batch(input_path, output_dir, scheduler, tokenizer, *, model_name: str, 
             scheduler.step()
             for pos in [p for p, (_, _, h) in pending.items() if _finished(h)]:
                 item, prepared, handle = pending.pop(pos)
-                output = handle.result()
+                try:
+                    output = handle.result()
+                except GenerationError as e:  # the scheduler failed it: an error line, the job goes on
+                    finish(item, False, _error_record(item, ApiError(str(e), status=500, type="server_error")))
+                    continue
                 build = chat_completion_body if item.url == CHAT_URL else completion_body
                 prefix = "chatcmpl" if item.url == CHAT_URL else "cmpl"
                 rid = f"{prefix}-{_short_hash(item.custom_id)}"
@@ -338,4 +342,6 @@ def _finished(handle) -> bool:
         handle.result(timeout=0)
     except TimeoutError:
         return False
+    except GenerationError:
+        return True
     return True

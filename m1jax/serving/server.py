@@ -176,7 +176,10 @@ def create_app(scheduler, tokenizer, model_name: str, *, context_window: int | N
                          include_usage=include_usage)
             return StreamingResponse(stream_events(handle, stream, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        output = await wait_result(handle, request)
+        try:
+            output = await wait_result(handle, request)
+        except GenerationError as e:  # the scheduler failed the request (not the client's fault)
+            raise ApiError(str(e), status=500, type="server_error") from None
         build = {CHAT_URL: chat_completion_body, COMPLETIONS_URL: completion_body, GENERATE_URL: generate_body}[url]
         return JSONResponse(build(output, prepared, tokenizer, model=model_name, response_id=response_id,
                                   created=created))
@@ -198,6 +201,10 @@ def create_app(scheduler, tokenizer, model_name: str, *, context_window: int | N
             if include_usage:
                 output = await anyio.to_thread.run_sync(handle.result, limiter=waiter(), abandon_on_cancel=True)
                 yield sse(stream.usage_chunk(output))
+            yield sse("[DONE]")
+        except GenerationError as e:  # the scheduler failed the request mid-stream: say so in the stream
+            finished = True
+            yield sse(ApiError(str(e), status=500, type="server_error").body())
             yield sse("[DONE]")
         finally:
             if not finished:
