@@ -32,7 +32,7 @@ def stack():
     tok = demo_tokenizer(model.config.vocab_size)
     scheduler = Scheduler(Engine(model, tok), slots=4, context_window=CONTEXT, prefill_chunk=64)
     scheduler.start()
-    server = BackgroundServer(create_app(scheduler, tok, MODEL))
+    server = BackgroundServer(create_app(scheduler, tok, MODEL, max_body_bytes=1 << 20))
     url = server.start()
     yield {"url": url, "tok": tok, "scheduler": scheduler}
     server.stop()
@@ -314,6 +314,7 @@ MALFORMED = [
     ("/v1/minimax-m1/generate", json.dumps({"input": "a", "max_output_tokens": -1}).encode(), JSON, 400,
      "max_output_tokens"),
     ("/v1/nothing", b"{}", JSON, 404, None),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(), JSON, 413, None),
 ]
 
 
