@@ -9,13 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import fake_scheduler  # TEMPORARY until the real scheduler is on main
 import pytest
 
-fake_scheduler.install()
-
-from m1jax.serving import Scheduler  # noqa: E402
-from m1jax.serving.batch import BatchError, model_fingerprint, read_input, run_batch  # noqa: E402
+from m1jax.serving import Scheduler
+from m1jax.serving.batch import BatchError, model_fingerprint, read_input, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT, SLOTS = 256, 4
@@ -159,9 +156,7 @@ def test_replicas_take_disjoint_deterministic_shares(reference, tiny, tmp_path):
 
 
 def _cli(inp, out):
-    code = ("import sys; sys.path.insert(0, 'tests'); import fake_scheduler; fake_scheduler.install(); "
-            "from m1jax.cli import main; sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-c", code, "batch", str(inp), str(out), *CLI_FLAGS]
+    return [sys.executable, "-m", "m1jax", "batch", str(inp), str(out), *CLI_FLAGS]
 
 
 def _journal_lines(out):

@@ -5,22 +5,18 @@ port running the continuous-batching scheduler on the tiny model."""
 import json
 import random
 
-import fake_scheduler  # noqa: F401  (TEMPORARY until the real scheduler is on main)
 import httpx
 import pytest
 
-fake_scheduler.install()
-
-from m1jax.chat import parse_output  # noqa: E402
-from m1jax.serving import Delta, RequestOutput, Scheduler  # noqa: E402
-from m1jax.serving.output_parser import OutputStreamParser  # noqa: E402
-from m1jax.serving.server import BackgroundServer, create_app  # noqa: E402
+from m1jax.chat import parse_output
+from m1jax.serving import Delta, RequestOutput, Scheduler
+from m1jax.serving.output_parser import OutputStreamParser
+from m1jax.serving.server import BackgroundServer, create_app
 
 openai = pytest.importorskip("openai")
 
 MODEL = "m1jax-tiny"
 CONTEXT = 256
-REAL = Scheduler is not fake_scheduler.Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +97,6 @@ def test_completions_and_max_completion_tokens(stack, client):
     assert chat.usage.completion_tokens <= 3
 
 
-@pytest.mark.skipif(not REAL, reason="needs the real scheduler's thinking budget")
 def test_reasoning_from_thinking_budget(stack, client):
     """A thinking budget forces `</think>`: the reply has `reasoning_content` and `reasoning` (equal), usage counts
     reasoning tokens, and the stream splits reasoning and content the same way."""
@@ -354,7 +349,6 @@ def test_fuzzed_bodies_never_crash(stack):
         assert http.get(stack["url"] + "/health").status_code == 200
 
 
-@pytest.mark.skipif(not REAL, reason="needs the real scheduler's cancellation")
 def test_client_disconnect_frees_its_slot(stack):
     """A streaming client that goes away cancels its request: the scheduler's running count returns to 0."""
     import time

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from m1jax import chat
 from m1jax.sampling import SamplingParams
 from m1jax.serving.output_parser import OutputStreamParser
+from m1jax.serving.scheduler import Request
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20
@@ -303,7 +304,7 @@ class Defaults:
 class Prepared:
     """A validated request ready for the scheduler, with what the response needs."""
 
-    request: Any  # m1jax.serving.Request
+    request: Request
     kind: Literal["chat", "completion", "generate"]
     prompt_ids: list[int]
     logprobs: bool
@@ -347,8 +348,6 @@ def build_request(body: BaseModel, tokenizer, *, context_window: int, defaults: 
 
     An absent `seed` becomes `default_seed` (random when None); seeds are taken modulo 2**32.
     """
-    from m1jax.serving import Request
-
     if isinstance(body, ChatCompletionRequest):
         kind, prompt_param = "chat", "messages"
         text = render_messages(body.messages, body.tools if body.tool_choice != "none" else None, tokenizer)
