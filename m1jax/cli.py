@@ -117,11 +117,22 @@ def cmd_generate(args) -> int:
         n_prompt = len(ids)
         [result] = engine.generate([ids], sampling, callback=callback, thinking_budget=args.thinking_budget)
     else:
+        import time
+
         from m1jax.streaming import prefill_file
+
+        shown = [time.perf_counter(), False]
+
+        def progress(n):  # on a terminal: the tokens prefilled, every few seconds
+            if sys.stderr.isatty() and time.perf_counter() - shown[0] > 5:
+                shown[:] = time.perf_counter(), True
+                print(f"\r[prefilled {n} tokens]", end="", file=sys.stderr, flush=True)
 
         streamed = prefill_file(engine, args.input_file, checkpoint_dir=args.checkpoint_dir,
                                 checkpoint_every=args.checkpoint_every, context_window=args.context_window,
-                                reserve=args.max_new_tokens)
+                                reserve=args.max_new_tokens, progress=progress)
+        if shown[1]:
+            print(file=sys.stderr)
         n_prompt = streamed.tokens
         resumed = (f" (resumed from the checkpoint at token {streamed.resumed_from})" if streamed.resumed_from
                    else "")
