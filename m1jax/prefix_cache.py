@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m1jax.cache import Cache, init_cache
-from m1jax.generation import Engine, EngineState, GenerationError, to_host
+from m1jax.generation import Engine, EngineState, GenerationError, prefill_layout, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +152,16 @@ def restore_blocks(engine: Engine, entries: Sequence[PrefixEntry], n_tokens: int
 
 
 # ---------------------------------------------------------------------------------------- block prefill
+def row_slots(engine: Engine, n: int, block: int) -> int:
+    """Cache slots a block-aligned prefill of n tokens writes: per call, the engine's padded layout of its tokens
+    (`prefill_layout`); never fewer for a longer prompt."""
+    def call(m: int) -> int:
+        return prefill_layout([np.zeros(m, np.int32)], [0], engine.prefill_chunk)[0].shape[1]
+
+    full, tail = divmod(n, block)
+    return full * call(block) + (call(tail) if tail else 0)
+
+
 class RowPrefill:
     """One prompt prefilled block-aligned into a batch-1 cache of `capacity` slots (module docstring), one
     `Engine.prefill` call per `step()`; with a `store`, restored from its deepest cached prefix first and
@@ -164,7 +174,7 @@ class RowPrefill:
         self.engine, self.block, self.capacity = engine, int(block), int(capacity)
         [self.prompt] = engine._check_prompts([prompt])
         n = len(self.prompt)
-        if -(-n // block) * block > capacity:
+        if row_slots(engine, n, block) > capacity:
             raise GenerationError(f"a prompt of {n} tokens does not fit a {capacity}-slot prefill cache")
         self.store = store
         self.keys = block_keys(self.prompt, block) if store is not None else []
@@ -213,18 +223,24 @@ class RowPrefill:
         return self._state
 
     def packed_cache(self) -> Cache:
-        """The prefilled cache cut to the prompt's n valid slots, in order (padding slots of the calls removed):
-        slot t holds token t — the layout a pool that right-aligns rows of n slots expects."""
+        """The prefilled cache with its n valid slots moved to slots 0 … n−1, in order (the calls' padding slots
+        removed; the capacity kept, so one compiled shape): slot t holds token t, `length` = n — the layout a pool
+        that right-aligns a row's written slots expects."""
         cache = self.state().cache
-        idx = np.nonzero(to_host(cache.valid_BxS[0]))[0].astype(np.int32)
-        return _take_slots(cache, jnp.asarray(idx))
+        idx = np.nonzero(to_host(cache.valid_BxS[0]))[0]
+        src_S = np.zeros(cache.max_len, np.int32)
+        src_S[:len(idx)] = idx
+        return _pack_slots(cache, jnp.asarray(src_S), jnp.asarray(len(idx), jnp.int32))
 
 
 @jax.jit
-def _take_slots(cache: Cache, idx_N: jax.Array) -> Cache:
-    """The cache with only slots `idx_N` (in that order)."""
-    return cache.map_slots(lambda x, axis: jnp.take(x, idx_N, axis=axis)).replace(
-        length=jnp.asarray(idx_N.shape[0], jnp.int32))
+def _pack_slots(cache: Cache, src_S: jax.Array, n) -> Cache:
+    """Slot j ← slot `src_S[j]` for j < n, empty (zero, invalid) beyond; `length` = n."""
+    def move(x, axis):
+        keep = (jnp.arange(x.shape[axis]) < n).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+        return jnp.where(keep, jnp.take(x, src_S, axis=axis), jnp.zeros((), x.dtype))
+
+    return cache.map_slots(move).replace(length=n)
 
 
 def prefill_prompt(engine: Engine, prompt: Sequence[int], *, block: int, capacity: int,

@@ -99,14 +99,68 @@ def test_packed_cache_drops_the_tail_padding(engine):
     prompt = tokens(9, 2 * BLOCK + 5)
     run_ = RowPrefill(engine, prompt, block=BLOCK, capacity=CAPACITY).run()
     packed = run_.packed_cache()
-    assert packed.max_len == len(prompt) and bool(np.all(np.asarray(packed.valid_BxS)))
+    n = len(prompt)
+    assert int(packed.length) == n and np.asarray(packed.valid_BxS)[0].tolist() == [True] * n + [False] * (
+        CAPACITY - n)
     full = run_.state()
     for got, want in zip(packed.per_layer(), full.cache.per_layer(), strict=True):
         if isinstance(got, tuple):  # slot t holds token t: the blocks as they were, the tail moved left
             w = np.asarray(want[0][0])
             expected = np.concatenate([w[:2 * BLOCK], w[3 * BLOCK - 5:3 * BLOCK]])
-            np.testing.assert_array_equal(np.asarray(got[0][0]), expected)
+            np.testing.assert_array_equal(np.asarray(got[0][0])[:n], expected)
+            assert not np.asarray(got[0][0])[n:].any()
     [a], _ = engine.decode(full.replace(cache=packed), GREEDY)
     [b], _ = engine.decode(full, GREEDY)
     assert a.tokens == b.tokens
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- in the scheduler
+POOL = dict(slots=2, context_window=64, prefill_chunk=BLOCK, decode_steps=4)  # test_scheduler's pool shape
+
+
+def sched_sampling(max_new=6):
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=(), repetition_stop=None)
+
+
+@pytest.fixture(scope="module")
+def sched_engine():
+    from m1jax.demo import demo_tokenizer
+
+    return Engine(demo_model("tiny", seed=0), demo_tokenizer())
+
+
+def test_scheduler_cache_on_equals_off(sched_engine):
+    """Questions after two shared documents (ending inside a block and at a block end), run together: with the
+    cache every request after a document's first restores its full blocks and equals the run without it."""
+    from m1jax.serving import Request, Scheduler
+
+    inside, at_end = tokens(11, 2 * BLOCK + 5), tokens(12, 2 * BLOCK)
+    prompts = [inside + tokens(20, 5), inside + tokens(21, 9), at_end + tokens(22, 3), at_end + tokens(23, 11),
+               inside + tokens(24, 2)]
+    requests = [Request(prompt=p, sampling=sched_sampling()) for p in prompts]
+    on_sched = Scheduler(sched_engine, prefix_cache_tokens=8 * BLOCK, **POOL)
+    on = on_sched.run(requests)
+    off = Scheduler(sched_engine, **POOL).run(requests)
+    assert [o.cached_tokens for o in on] == [0, 2 * BLOCK, 0, 2 * BLOCK, 2 * BLOCK]
+    assert all(o.cached_tokens == 0 for o in off)
+    for a, b in zip(on, off, strict=True):  # off prefills left-padded: same tokens, log-probs to fp32 rounding
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    stats = on_sched.stats()
+    assert stats["prefix_lookups"] == 5 and stats["prefix_hits"] == 3
+
+    # Bit for bit: a request restored from the cache equals the same request prefilled without a hit.
+    hit = Scheduler(sched_engine, prefix_cache_tokens=8 * BLOCK, **POOL)
+    hit.run(requests[:1])
+    [restored] = hit.run(requests[1:2])
+    [fresh] = Scheduler(sched_engine, prefix_cache_tokens=8 * BLOCK, **POOL).run(requests[1:2])
+    assert restored.cached_tokens == 2 * BLOCK and fresh.cached_tokens == 0
+    assert restored.tokens == fresh.tokens and restored.logprobs == fresh.logprobs
+
+
+def test_scheduler_rejects_a_bad_budget(sched_engine):
+    from m1jax.serving import Scheduler
+
+    with pytest.raises(GenerationError, match="prefix_cache_tokens must be an integer ≥ 0"):
+        Scheduler(sched_engine, prefix_cache_tokens=-1, **POOL)

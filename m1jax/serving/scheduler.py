@@ -16,6 +16,9 @@ Design (the model and the cache format stay those of `Engine`):
   made invalid — nothing of the row's previous request survives (`_insert_row`). If L is shorter than the
   prompt, the whole timeline first moves right; when a burst would run past the capacity it moves left by
   the smallest start of a live row (`_shift_slots`, both jitted).
+* With `prefix_cache_tokens` > 0 a newcomer is instead prefilled block-aligned (block = `prefill_chunk`) through
+  `m1jax.prefix_cache.RowPrefill`: it restores the deepest cached prefix of its prompt (lightning states, K/V,
+  logits) and snapshots its new full blocks; its row then holds exactly its n prompt tokens (`packed_cache`).
 * Decoding runs the engine's own decode loop (`generation._decode_loop`, the step body `decode_step` shared
   with `Engine.generate`) for bursts of ≤ `decode_steps` steps: per-row key streams `step_keys(seed, n_gen)`,
   stop tokens, length, repetition, thinking budgets and top log-probs all happen there. Between bursts the
@@ -58,6 +61,7 @@ from m1jax.generation import (
     sampling_arrays,
     to_host,
 )
+from m1jax.prefix_cache import PrefixCache, RowPrefill, row_slots
 from m1jax.sampling import SamplingParams
 
 DEFAULT_CONTEXT = 32_768  # context_window when none is given (capped by the engine's max_len)
@@ -174,6 +178,8 @@ class _Job:
     done_tokens: int = 0  # prefill progress (padded tokens run)
     row_cache: Cache | None = None
     row_logits: jax.Array | None = None
+    prefill: RowPrefill | None = None  # prefill through the prefix cache
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     span: int = 0  # tokens of the row on the pool's timeline
     emitted: int = 0  # characters of text streamed
     tokens: list = dataclasses.field(default_factory=list)
@@ -237,8 +243,9 @@ class Scheduler:
         for name, value in (("slots", slots), ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise GenerationError(f"{name} must be an integer ≥ 1, got {value!r}")
-        if prefix_cache_tokens:
-            raise GenerationError("prefix_cache_tokens: the prefix cache is not part of this scheduler yet (use 0)")
+        pct = prefix_cache_tokens
+        if isinstance(pct, bool) or not isinstance(pct, (int, np.integer)) or pct < 0:
+            raise GenerationError(f"prefix_cache_tokens must be an integer ≥ 0, got {pct!r}")
         cw = min(engine.max_len, DEFAULT_CONTEXT) if context_window is None else context_window
         if isinstance(cw, bool) or not isinstance(cw, (int, np.integer)) or not 2 <= cw <= engine.max_len:
             raise GenerationError(f"context_window must be an integer in [2, {engine.max_len}] (the engine's "
@@ -248,6 +255,10 @@ class Scheduler:
         self.prefill_chunk, self.decode_steps = int(prefill_chunk), int(decode_steps)
         self.capacity = _round_up(self.context_window + self.decode_steps, 8)
         self._row_slots = _round_up(self.context_window, self.prefill_chunk)  # a newcomer's cache (one shape)
+        # With a prefix cache newcomers prefill block-aligned (`m1jax.prefix_cache`, block = prefill_chunk).
+        self.prefix_cache = PrefixCache(self.prefill_chunk, int(pct)) if pct else None
+        if self.prefix_cache is not None:
+            self._row_slots = row_slots(engine, self.context_window, self.prefill_chunk)
         self.shifts = 0  # timeline moves so far (left or right)
         self._reset_pool()
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -348,7 +359,8 @@ class Scheduler:
         running = sum(j is not None for j in self._jobs)
         return {"waiting": waiting, "running": running, "slots": self.slots, "generated_tokens": self._generated,
                 "tokens_per_s": self._generated / self._busy_s if self._busy_s else 0.0,
-                "prefix_lookups": 0, "prefix_hits": 0}
+                "prefix_lookups": self.prefix_cache.lookups if self.prefix_cache else 0,
+                "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0}
 
     # ------------------------------------------------------------------------------------ validation
     def _validate(self, request: Request) -> _Job:
@@ -395,6 +407,11 @@ class Scheduler:
             job = self._waiting.popleft()
         job.slot = self._jobs.index(None)
         self._jobs[job.slot] = job
+        if self.prefix_cache is not None:
+            job.prefill = RowPrefill(self.engine, job.prompt, block=self.prefill_chunk, capacity=self._row_slots,
+                                     store=self.prefix_cache)
+            self._prefilling = job
+            return
         tokens, positions, valid, chunk = prefill_layout([job.prompt], [0], self.prefill_chunk)
         job.layout = (tokens, positions, valid, chunk)
         job.row_cache = init_cache(self.config, 1, self._row_slots, mesh=self.engine.mesh, rules=self.engine.rules)
@@ -405,6 +422,13 @@ class Scheduler:
         job = self._prefilling
         if job is None:
             return False
+        if job.prefill is not None:  # block-aligned, through the prefix cache (a fully cached prompt: no call)
+            if not job.prefill.done:
+                job.prefill.step()
+            if job.prefill.done:
+                job.row_cache, job.row_logits = job.prefill.packed_cache(), job.prefill.state().next_logits_BxV
+                self._join_pool(job)
+            return True
         tokens, positions, valid, chunk = job.layout
         s = job.done_tokens
         with self.engine._on_mesh():
@@ -429,6 +453,8 @@ class Scheduler:
         for f in dataclasses.fields(RowProgress):
             getattr(self._prog, f.name)[i] = getattr(fresh, f.name)[0]
         job.live, job.span, job.row_cache, job.row_logits, job.layout = True, n, None, None, None
+        if job.prefill is not None:
+            job.cached_tokens, job.prefill = job.prefill.cached_tokens, None
         self._prefilling = None
         self._sp = None
 
@@ -512,7 +538,7 @@ class Scheduler:
         reasoning = reasoning_count(int(self._prog.reasoning_B[job.slot]), len(job.tokens)) if job.live else 0
         out = RequestOutput(request_id=job.request.request_id, prompt_tokens=len(job.prompt), tokens=job.tokens,
                             logprobs=job.logprobs, top_logprobs=job.top if k else None, text=text,
-                            finish_reason=reason, reasoning_tokens=reasoning)
+                            finish_reason=reason, reasoning_tokens=reasoning, cached_tokens=job.cached_tokens)
         if job.slot is not None:
             self._prog.finished_B[job.slot] = True
             self._jobs[job.slot] = None
