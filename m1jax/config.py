@@ -125,6 +125,9 @@ class ModelConfig:
     moe_parallel: str = "auto"  # "auto": expert-parallel shard_map under a mesh with expert/tensor axes | "off"
     scan_layers: str | bool = "auto"  # True: one scan over groups of `layer_period` layers; "auto": if > 1 group
     remat: str = "none"  # per scanned group (per layer unrolled): "none" | "full" | "save_dots" | "offload"
+    lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets` (m1jax.lora)
+    lora_alpha: float = 16.0  # adapter scale α (the update is α/r · A B)
+    lora_targets: tuple[str, ...] = ("attention", "experts")
 
     # --- provenance, for a lossless write-back ---
     hf_spelling: Literal["remote_code", "transformers"] = "remote_code"
@@ -132,6 +135,7 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, dtype_name(getattr(self, name), name))
         if isinstance(self.eos_token_id, list):
@@ -231,6 +235,12 @@ class ModelConfig:
         need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto", "scan_layers",
              f"must be one of {SCAN_LAYERS}, got {self.scan_layers!r}")
         need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        need(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0,
+             "lora_rank", f"must be an integer ≥ 0, got {self.lora_rank!r}")
+        need(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha",
+             f"must be > 0, got {self.lora_alpha!r}")
+        need(len(self.lora_targets) > 0 and set(self.lora_targets) <= {"attention", "experts"}, "lora_targets",
+             f"must be a non-empty subset of ('attention', 'experts'), got {self.lora_targets!r}")
         need(self.hf_spelling in ("remote_code", "transformers"), "hf_spelling",
              f"must be 'remote_code' or 'transformers', got {self.hf_spelling!r}")
         if self.tie_word_embeddings:
@@ -295,7 +305,7 @@ class ModelConfig:
             if name in runtime:
                 kw[name] = runtime.pop(name)
         unknown = set(runtime) - {"dtype", "param_dtype", "lightning_impl", "moe_impl", "quantize", "moe_parallel",
-                                  "scan_layers", "remat"}
+                                  "scan_layers", "remat", "lora_rank", "lora_alpha", "lora_targets"}
         if unknown:
             raise TypeError(f"unknown runtime option(s): {sorted(unknown)}")
         try:

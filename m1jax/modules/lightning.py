@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from m1jax import lora
 from m1jax.cache import STATE_AXES
 from m1jax.config import ModelConfig
 from m1jax.modules.norm import rms_norm
@@ -134,10 +135,15 @@ class LightningAttention(nnx.Module):
         pdt, std = config.param_dtype, config.initializer_range
         self.config = config
         self.layer_idx = layer_idx
-        self.qkv_proj = param(rngs, (d, h, 3 * hd), ("embed", "heads", "qkv"), pdt, std=std)
-        self.output_gate = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std=std)
-        self.out_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std=std)
+        for name, shape, axes in (("qkv_proj", (d, h, 3 * hd), ("embed", "heads", "qkv")),
+                                  ("output_gate", (d, h, hd), ("embed", "heads", "head_dim")),
+                                  ("out_proj", (h, hd, d), ("heads", "head_dim", "embed"))):
+            setattr(self, name, param(rngs, shape, axes, pdt, std=std))
         self.norm = param(rngs, (h, hd), ("heads", "head_dim"), pdt, init="ones")
+        for name, shape, axes in (("qkv_proj", (d, h, 3 * hd), ("embed", "heads", "qkv")),
+                                  ("output_gate", (d, h, hd), ("embed", "heads", "head_dim")),
+                                  ("out_proj", (h, hd, d), ("heads", "head_dim", "embed"))):
+            lora.declare(self, name, shape, axes, config, rngs)
 
     @property
     def slopes(self) -> np.ndarray:
@@ -155,7 +161,7 @@ class LightningAttention(nnx.Module):
         dt = DTYPE[c.dtype]
         hd = c.head_dim
         x_BxLxD = x_BxLxD.astype(dt)
-        qkv_BxLxHx3D = jax.nn.silu(linear(x_BxLxD, self.qkv_proj[...].astype(dt)))
+        qkv_BxLxHx3D = jax.nn.silu(linear(x_BxLxD, lora.weight(self, "qkv_proj").astype(dt)))
         q, k, v = qkv_BxLxHx3D[..., :hd], qkv_BxLxHx3D[..., hd:2 * hd], qkv_BxLxHx3D[..., 2 * hd:]
         if valid_BxL is not None:
             keep = valid_BxL[:, :, None, None]
@@ -176,8 +182,8 @@ class LightningAttention(nnx.Module):
         b, l, h, _ = o_BxLxHxD.shape
         o_BxLxHD = rms_norm(o_BxLxHxD.astype(dt).reshape(b, l, h * hd), self.norm[...].reshape(h * hd),
                             c.lightning_norm_eps)
-        gate_BxLxHxD = jax.nn.sigmoid(linear(x_BxLxD, self.output_gate[...].astype(dt)))
-        y = linear(gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), self.out_proj[...].astype(dt), contract=2)
+        gate_BxLxHxD = jax.nn.sigmoid(linear(x_BxLxD, lora.weight(self, "output_gate").astype(dt)))
+        y = linear(gate_BxLxHxD * o_BxLxHD.reshape(b, l, h, hd), lora.weight(self, "out_proj").astype(dt), contract=2)
         return y, state
 
     def _prefill(self, q, k, v, slope_H, state):

@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from m1jax import lora
 from m1jax.config import ModelConfig
 from m1jax.modules.unfused import dot_boundary, linear
-from m1jax.quantize import scale_name, scaled
+from m1jax.quantize import dequantize_int8, scale_name, scaled
 from m1jax.sharding import axes_size, current_mesh, logical_to_spec, spec_axes
 from m1jax.weights import DTYPE, param, quantized_param
 
@@ -398,6 +399,10 @@ class MoE(nnx.Module):
                 q, scale = quantized_param(rngs, shape, axes, std=std)
                 setattr(self, name, q)
                 setattr(self, scale_name(name), scale)
+        for name, shape, axes in (("w1", (e, d, f), ("experts", "embed", "mlp")),
+                                  ("w3", (e, d, f), ("experts", "embed", "mlp")),
+                                  ("w2", (e, f, d), ("experts", "mlp", "embed"))):
+            lora.declare(self, name, shape, axes, config, rngs)
 
     def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None, impl: str | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -415,10 +420,19 @@ class MoE(nnx.Module):
         name = None if parallel else choose_impl(impl, experts_TxK.size, c.num_local_experts)
         keep = name == "switch"
         quantized = c.quantize is not None
-        ws = [_compute_weight(getattr(self, w).get_value(), None if quantized else dt, keep_tuple=keep)
-              for w in EXPERT_WEIGHTS]
-        scales = tuple(_compute_weight(getattr(self, s).get_value(), None, keep_tuple=keep)
-                       for s in EXPERT_SCALES) if quantized else None
+        if lora.has_adapters(self, "w1"):  # W + (α/r)·A B per expert (int8 experts dequantized first)
+            keep = False
+            stored = [_compute_weight(getattr(self, w).get_value(), None, keep_tuple=False) for w in EXPERT_WEIGHTS]
+            if quantized:
+                stored = [dequantize_int8(x, _compute_weight(getattr(self, s).get_value(), None, keep_tuple=False), dt)
+                          for x, s in zip(stored, EXPERT_SCALES)]
+            ws = [lora.weight(self, w, x).astype(dt) for w, x in zip(EXPERT_WEIGHTS, stored)]
+            scales = None
+        else:
+            ws = [_compute_weight(getattr(self, w).get_value(), None if quantized else dt, keep_tuple=keep)
+                  for w in EXPERT_WEIGHTS]
+            scales = tuple(_compute_weight(getattr(self, s).get_value(), None, keep_tuple=keep)
+                           for s in EXPERT_SCALES) if quantized else None
         if parallel:
             k = c.num_experts_per_tok
             y_BxLxD = expert_parallel(x_TxD.reshape(b, l, d), *ws, weights_TxK.astype(dt).reshape(b, l, k),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from m1jax import lora
 from m1jax.cache import KV_AXES
 from m1jax.config import ModelConfig
 from m1jax.modules.rope import apply_rope
@@ -291,10 +292,14 @@ class SoftmaxAttention(nnx.Module):
         pdt, std = config.param_dtype, config.initializer_range
         self.config = config
         self.layer_idx = layer_idx
-        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std=std)
-        self.k_proj = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt, std=std)
-        self.v_proj = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt, std=std)
-        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std=std)
+        weights = (("q_proj", (d, h, hd), ("embed", "heads", "head_dim")),
+                   ("k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")),
+                   ("v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")),
+                   ("o_proj", (h, hd, d), ("heads", "head_dim", "embed")))
+        for name, shape, axes in weights:
+            setattr(self, name, param(rngs, shape, axes, pdt, std=std))
+        for name, shape, axes in weights:
+            lora.declare(self, name, shape, axes, config, rngs)
 
     def __call__(self, x_BxLxD: jax.Array, *, cos_BxLxR: jax.Array, sin_BxLxR: jax.Array,
                  valid_BxL: jax.Array | None = None, kv_cache: tuple[jax.Array, jax.Array] | None = None,
@@ -309,9 +314,9 @@ class SoftmaxAttention(nnx.Module):
         dt = DTYPE[self.config.dtype]
         x_BxLxD = x_BxLxD.astype(dt)
         l = x_BxLxD.shape[1]
-        q = apply_rope(linear(x_BxLxD, self.q_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
-        k = apply_rope(linear(x_BxLxD, self.k_proj[...].astype(dt)), cos_BxLxR, sin_BxLxR)
-        v = linear(x_BxLxD, self.v_proj[...].astype(dt))
+        q = apply_rope(linear(x_BxLxD, lora.weight(self, "q_proj").astype(dt)), cos_BxLxR, sin_BxLxR)
+        k = apply_rope(linear(x_BxLxD, lora.weight(self, "k_proj").astype(dt)), cos_BxLxR, sin_BxLxR)
+        v = linear(x_BxLxD, lora.weight(self, "v_proj").astype(dt))
         sharded = _sequence_sharding(k, None if kv_cache is None else kv_cache[0])
         if sharded is not None:
             out, new_cache = sharded(q, k, v, valid_BxL, kv_cache, cache_start, cache_valid_BxS)
@@ -325,5 +330,5 @@ class SoftmaxAttention(nnx.Module):
             out = attend(q, k_cache, v_cache, q_slot_L=cache_start + jnp.arange(l), kv_valid_BxS=cache_valid_BxS,
                          num_slots=cache_start + l)
             new_cache = (k_cache, v_cache)
-        y = linear(out, self.o_proj[...].astype(dt), contract=2)
+        y = linear(out, lora.weight(self, "o_proj").astype(dt), contract=2)
         return y, new_cache
