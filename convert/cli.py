@@ -28,7 +28,6 @@ def cmd_export(args) -> int:
         from m1jax.errors import UserError
         from train.model_setup import build_model
         from train.run_config import ModelSpec, RunConfigError
-        from train.update import compute_model
 
         if args.tokenizer is None:
             raise UserError(f"{args.src} is a training run, which holds no tokenizer: pass --tokenizer DIR (the run "
@@ -37,7 +36,10 @@ def cmd_export(args) -> int:
             bundle = build_model(ModelSpec(checkpoint=str(args.src)), seed=0)
         except RunConfigError as e:
             raise UserError(f"cannot read the training run {args.src}: {e}") from None
-        model = compute_model(bundle.graphdef, bundle.params, bundle.param_dtypes)
+        model = bundle.inference_model(bundle.params)  # LoRA adapters merged into their weights
+        if model.config.lora_rank:
+            raise UserError(f"{args.src} trained adapters over int8 experts, which cannot hold the merged weights: "
+                            f"export from a run whose base has float experts")
         dst = export_model(model, args.dst, dtype=args.dtype, shard_size=args.shard_size,
                            tokenizer_dir=args.tokenizer, progress=not args.quiet)
     else:

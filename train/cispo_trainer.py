@@ -31,7 +31,7 @@ from train.losses import token_normalizer
 from train.reward_stage import build_reward_set, overlong_penalty, score_rollouts, shuffle_within_batch
 from train.rollout import pack_rollouts, prompt_width, sample_groups
 from train.run_config import RunConfig, RunConfigError
-from train.update import LossSpec, compute_model, forward_logprobs, update_step
+from train.update import LossSpec, forward_logprobs, update_step
 
 
 def make_prompt_source(cfg: RunConfig, tokenizer):
@@ -68,8 +68,7 @@ class CISPOTrainer(TrainLoop):
         """One generation round: prompts, samples, rewards (after the control), advantages, packed arrays."""
         r, g = self.cfg.rollout, self.cfg.rollout.group_size
         prompts = self.data.next_batch(r.num_prompts)
-        engine = Engine(compute_model(self.model.graphdef, self.params, self.model.param_dtypes), self.tokenizer,
-                        prefill_chunk=r.prefill_chunk)
+        engine = Engine(self.model.inference_model(self.params), self.tokenizer, prefill_chunk=r.prefill_chunk)
         t0 = time.perf_counter()
         results = sample_groups(engine, [p.ids for p in prompts], g, self.sampling, run_seed=self.cfg.seed,
                                 step=step, first_prompt_index=round_index * r.num_prompts)
@@ -144,8 +143,8 @@ class CISPOTrainer(TrainLoop):
         old_logp, entropy = [], []
         for sl in rows_per_chunk(n_rows, self.rows_per_micro):
             dev = as_batch({"t": batch["tokens_NxL"][sl], "v": batch["valid_NxL"][sl]}, self.mesh)
-            lp, ent = forward_logprobs(self.params, dev["t"], dev["v"], graphdef=self.model.graphdef,
-                                       param_dtypes=self.model.param_dtypes)
+            lp, ent = forward_logprobs(self.params, dev["t"], dev["v"], self.model.frozen,
+                                       graphdef=self.model.graphdef, param_dtypes=self.model.param_dtypes)
             old_logp.append(lp)
             entropy.append(ent)
         old_logp_NxL = np.asarray(jnp.concatenate(old_logp), np.float32)
@@ -170,7 +169,8 @@ class CISPOTrainer(TrainLoop):
                                "adv_B": batch["adv_N"][rows].astype(np.float32),
                                "denom_B": np.asarray(denom)}, self.mesh)
                 self.params, self.opt_state, stats = update_step(
-                    self.params, self.opt_state, mb, c.entropy_coef_at(step), graphdef=self.model.graphdef,
+                    self.params, self.opt_state, mb, c.entropy_coef_at(step), self.model.frozen,
+                    graphdef=self.model.graphdef,
                     param_dtypes=self.model.param_dtypes, spec=self.loss_spec, optimizer=cfg.optimizer,
                     total_steps=self.horizon, micro_batches=c.micro_batches)
                 update_stats.append(stats)

@@ -67,7 +67,8 @@ class TrainLoop:
         self.rng = stream_rng(cfg.seed, TRAINER_STREAM)
         self.step = 0
         self.checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
-        save_model_config(self.model.config, cfg.checkpoint_dir)
+        save_model_config(self.model.config, cfg.checkpoint_dir,
+                          cfg.model.model_dump(mode="json", exclude_none=True))
         self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), progress=cfg.log.progress,
                                   tensorboard=cfg.log.tensorboard, total_steps=cfg.steps)
         self.tokenizer = load_tokenizer(cfg.tokenizer)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1jax import lora
 from m1jax.config import ConfigError, ModelConfig
 from m1jax.loading import abstract_model, init_sharded
 from m1jax.model import MiniMaxM1
@@ -24,17 +25,35 @@ from train.checkpointing import TrainCheckpointer, is_train_checkpoint_dir
 from train.run_config import ModelSpec, RunConfigError
 
 MODEL_CONFIG_FILE = "model_config.json"
+LORA_FILE = "lora.json"
 
 
 @dataclasses.dataclass
 class ModelBundle:
-    """config: the compute config; graphdef: the model structure; params: fp32 master `nnx.State`;
-    param_dtypes: per-leaf compute dtypes (static, in `jax.tree.leaves(params)` order)."""
+    """config: the compute config; graphdef: the model structure; params: fp32 master `nnx.State` of what is
+    trained; param_dtypes: per-leaf compute dtypes (static, in `jax.tree.leaves(params)` order); frozen: the
+    rest of the model, held in its compute dtypes and never updated (LoRA: the base weights; None otherwise)."""
 
     config: ModelConfig
     graphdef: nnx.GraphDef
     params: nnx.State
     param_dtypes: tuple[str, ...]
+    frozen: nnx.State | None = None
+
+    def compute_model(self, params):
+        """The model at `params` (these or updated trainable parameters) in its compute dtypes."""
+        from train.update import compute_model
+
+        return compute_model(self.graphdef, params, self.param_dtypes, self.frozen)
+
+    def inference_model(self, params):
+        """The model for generation at `params`: LoRA adapters merged into their weights (once, not at every
+        decode step) unless the base experts are int8."""
+        model = self.compute_model(params)
+        c = model.config
+        if c.lora_rank and not (c.quantize is not None and "experts" in c.lora_targets):
+            model = lora.merge(model)
+        return model
 
 
 def compute_dtypes(config: ModelConfig) -> tuple[str, ...]:
@@ -45,7 +64,7 @@ def compute_dtypes(config: ModelConfig) -> tuple[str, ...]:
 
 def _runtime(spec: ModelSpec) -> dict:
     return {"dtype": spec.dtype, "param_dtype": "float32", "moe_impl": spec.moe_impl,
-            "lightning_impl": spec.lightning_impl}
+            "lightning_impl": spec.lightning_impl, "quantize": spec.quantize}
 
 
 def _resolve_config(spec: ModelSpec) -> ModelConfig:
@@ -74,6 +93,8 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
         path = Path(spec.checkpoint)
         if not path.is_dir():
             raise RunConfigError(f"run config field 'model.checkpoint': {path} is not a directory")
+        if is_train_checkpoint_dir(path) and (_checkpoint_root(path) / LORA_FILE).is_file():
+            return _restore_lora_run(_checkpoint_root(path), spec, seed=seed, mesh=mesh)
         if is_train_checkpoint_dir(path):
             root = _checkpoint_root(path)
             try:
@@ -91,9 +112,9 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
             from m1jax.loading import from_pretrained
 
             model = from_pretrained(path, dtype=spec.dtype, param_dtype="float32", mesh=mesh,
-                                    lightning_impl=spec.lightning_impl, moe_impl=spec.moe_impl)
+                                    lightning_impl=spec.lightning_impl, moe_impl=spec.moe_impl, quantize=spec.quantize)
             config = model.config
-            if config.quantize is not None:
+            if config.quantize is not None and spec.lora is None:
                 raise RunConfigError(f"run config field 'model.checkpoint': {path} holds {config.quantize} weights "
                                      f"(written by `m1jax convert --quantize`); training needs float expert "
                                      f"weights: convert the HF checkpoint without --quantize")
@@ -101,15 +122,51 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
     else:
         config = _resolve_config(spec)
         graphdef, params = nnx.split(_init(config, seed, mesh))
-    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     compute_config = config.replace(param_dtype=param_dtype)
+    if spec.lora is not None:
+        return _with_adapters(compute_config, graphdef, params, spec, seed=seed)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return ModelBundle(config=compute_config, graphdef=graphdef, params=params,
                        param_dtypes=compute_dtypes(compute_config))
 
 
-def save_model_config(config: ModelConfig, directory: Path) -> None:
-    """`model_config.json` (HF dict) beside the checkpoints, so `model: {checkpoint: DIR}` can rebuild it."""
+def _with_adapters(config: ModelConfig, graphdef, params, spec: ModelSpec, *, seed: int) -> ModelBundle:
+    """The LoRA bundle: the base cast to its compute dtypes and frozen, fresh adapters (fp32 masters) trained."""
+    from train.update import cast_params
+
+    base = nnx.merge(graphdef, cast_params(params, compute_dtypes(config)))
+    model = lora.attach(base, rank=spec.lora.rank, alpha=spec.lora.alpha, targets=spec.lora.targets, seed=seed)
+    graphdef, adapters, frozen = nnx.split(model, lora.LoRAParam, ...)
+    dtypes = tuple(jnp.dtype(x.dtype).name for x in jax.tree.leaves(adapters))
+    adapters = jax.tree.map(lambda x: x.astype(jnp.float32), adapters)
+    return ModelBundle(config=model.config, graphdef=graphdef, params=adapters, param_dtypes=dtypes, frozen=frozen)
+
+
+def _restore_lora_run(root: Path, spec: ModelSpec, *, seed: int, mesh) -> ModelBundle:
+    """A LoRA run's model: its base (the run's own model spec, from `lora.json`) plus its latest adapters."""
+    from train.run_config import ModelSpec as Spec
+
+    try:
+        base_spec = Spec.parse(json.loads((root / LORA_FILE).read_text())["model"], "model")
+    except (OSError, json.JSONDecodeError, KeyError, RunConfigError) as e:
+        raise RunConfigError(f"run config field 'model.checkpoint': unusable {LORA_FILE} in {root}: {e}") from None
+    bundle = build_model(base_spec.model_copy(update={"dtype": spec.dtype, "param_dtype": spec.param_dtype}),
+                         seed=seed, mesh=mesh)
+    ckpt = TrainCheckpointer(root)
+    bundle.params = ckpt.restore_params(ckpt.latest_step(), bundle.params)
+    ckpt.close()
+    return bundle
+
+
+def save_model_config(config: ModelConfig, directory: Path, model_source: dict | None = None) -> None:
+    """`model_config.json` (HF dict) beside the checkpoints, so `model: {checkpoint: DIR}` can rebuild it; for
+    a LoRA run also `lora.json` with the run's `model` section (`model_source`), whose base the adapters need."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if config.lora_rank:
+        tmp = directory / (LORA_FILE + ".tmp")
+        tmp.write_text(json.dumps({"model": model_source}, indent=2) + "\n")
+        tmp.replace(directory / LORA_FILE)
     tmp = directory / (MODEL_CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     tmp.replace(directory / MODEL_CONFIG_FILE)

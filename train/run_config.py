@@ -139,9 +139,26 @@ def _describe(error: ValidationError, data: Any, prefix: str = "") -> str:
 
 
 # --------------------------------------------------------------------------------------------- sections
+class LoraSpec(_Section):
+    """Low-rank adapters (`m1jax.lora`): only they are trained (optimizer state for them alone), the base
+    weights stay frozen in the compute dtype (int8 experts with `model.quantize: int8-experts`)."""
+
+    rank: PosInt
+    alpha: Annotated[Float, Field(gt=0)] | None = None  # None: 2 · rank
+    targets: Annotated[tuple[Literal["attention", "experts"], ...],
+                       BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)] = ("attention", "experts")
+
+    @model_validator(mode="after")
+    def _some_target(self) -> LoraSpec:
+        _check(len(self.targets) > 0, "targets", "must name at least one of attention / experts")
+        return self
+
+
 class ModelSpec(_Section):
     """Where the model comes from — exactly one of `preset`, `config` (an inline HF config.json dict),
-    `checkpoint` (a directory) — and its runtime choices (`param_dtype` None: = dtype; `init_seed` None: = seed)."""
+    `checkpoint` (a directory) — and its runtime choices (`param_dtype` None: = dtype; `init_seed` None: = seed).
+    `lora`: train low-rank adapters instead of every weight; `quantize: int8-experts` (LoRA only) keeps the
+    frozen experts int8."""
 
     preset: Text | None = None
     config: dict[str, Any] | None = None
@@ -151,11 +168,15 @@ class ModelSpec(_Section):
     moe_impl: Literal[MOE_IMPLS] = "auto"
     lightning_impl: Literal[LIGHTNING_IMPLS] = "auto"
     init_seed: int | None = None
+    lora: LoraSpec | None = None
+    quantize: Literal["int8-experts"] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         sources = [k for k in ("preset", "config", "checkpoint") if getattr(self, k) is not None]
         _check(len(sources) == 1, "", f"give exactly one of preset / config / checkpoint, got {sources or 'none'}")
+        _check(self.quantize is None or self.lora is not None, "quantize",
+               "int8 experts cannot be trained: set model.lora (frozen int8 base + trained adapters) or drop it")
         return self
 
 

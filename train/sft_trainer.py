@@ -37,7 +37,8 @@ class SFTTrainer(TrainLoop):
         batch = as_batch({"tokens_BxL": tb.tokens_BxL, "valid_BxL": tb.valid_BxL, "mask_BxL": tb.mask_BxL,
                           "denom_B": denom}, self.mesh)
         self.params, self.opt_state, stats = update_step(
-            self.params, self.opt_state, batch, graphdef=self.model.graphdef, param_dtypes=self.model.param_dtypes,
+            self.params, self.opt_state, batch, 0.0, self.model.frozen, graphdef=self.model.graphdef,
+            param_dtypes=self.model.param_dtypes,
             spec=self.loss_spec, optimizer=cfg.optimizer, total_steps=self.horizon,
             micro_batches=cfg.sft.micro_batches)
         stats = to_host(stats)

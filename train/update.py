@@ -61,29 +61,31 @@ def cast_params(params, param_dtypes: tuple[str, ...]):
     return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(leaves, param_dtypes)])
 
 
-def compute_model(graphdef, params, param_dtypes):
-    """The model at `params` in its compute dtypes (works inside and outside jit)."""
-    return nnx.merge(graphdef, cast_params(params, param_dtypes))
+def compute_model(graphdef, params, param_dtypes, frozen=None):
+    """The model at `params` in its compute dtypes (works inside and outside jit). `frozen`: the rest of the
+    model's state when `params` is only its trainable part (LoRA adapters; `graphdef` from the 3-way split)."""
+    return nnx.merge(graphdef, cast_params(params, param_dtypes), *(() if frozen is None else (frozen,)))
 
 
 # ----------------------------------------------------------------------------------------------- forward
 @partial(jax.jit, static_argnames=("graphdef", "param_dtypes"))
-def forward_logprobs(params, tokens_BxL, valid_BxL, *, graphdef, param_dtypes):
+def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, *, graphdef, param_dtypes):
     """(logp_BxL, entropy_BxL) of `sequence_logprobs` at `params`, no gradient (π_old, entropy, evaluation)."""
-    model = compute_model(graphdef, params, param_dtypes)
+    model = compute_model(graphdef, params, param_dtypes, frozen)
     out = sequence_logprobs(model, tokens_BxL, valid_BxL=valid_BxL, with_entropy=True)
     return out.logp_BxL, out.entropy_BxL
 
 
 # ----------------------------------------------------------------------------------------------- loss
-def batch_loss(params, batch: dict, entropy_coef=0.0, *, graphdef, param_dtypes, spec: LossSpec, aux_weight: float):
+def batch_loss(params, batch: dict, entropy_coef=0.0, frozen=None, *, graphdef, param_dtypes, spec: LossSpec,
+               aux_weight: float):
     """(loss, stats) of one micro-batch. `batch`: tokens_BxL, valid_BxL, mask_BxL (tokens that count),
     denom_B (step-level D_b slice) and, for the policy losses, old_logp_BxL and adv_B.
 
     stats: sums over the micro-batch (num_tokens, loss, and mean-stat × num_tokens) plus extrema, ready to be
-    combined across micro-batches by `_combine`.
+    combined across micro-batches by `_combine`. `frozen`: see `compute_model` (no gradient flows into it).
     """
-    model = compute_model(graphdef, params, param_dtypes)
+    model = compute_model(graphdef, params, param_dtypes, frozen)
     out = sequence_logprobs(model, batch["tokens_BxL"], valid_BxL=batch["valid_BxL"],
                             with_entropy=spec.entropy_bonus, with_aux_loss=spec.aux_loss_coef > 0)
     mask_BxL = batch["mask_BxL"]
@@ -140,23 +142,23 @@ def _finalize(stats: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------- update
 def accumulate_gradients(params, batch: dict, *, graphdef, param_dtypes, spec: LossSpec, micro_batches: int,
-                         entropy_coef=0.0):
+                         entropy_coef=0.0, frozen=None):
     """(Σ_j ∇loss_j, combined stats) over `micro_batches` equal row slices of `batch` (a `lax.scan`)."""
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
     kw = dict(graphdef=graphdef, param_dtypes=param_dtypes, spec=spec, aux_weight=1.0 / micro_batches)
     if micro_batches == 1:
-        (_, stats), grads = grad_fn(params, batch, entropy_coef, **kw)
+        (_, stats), grads = grad_fn(params, batch, entropy_coef, frozen, **kw)
         return grads, stats
     rows = batch["tokens_BxL"].shape[0]
     if rows % micro_batches:
         raise ValueError(f"micro_batches={micro_batches} must divide the {rows} rows of the batch")
     split = jax.tree.map(lambda x: x.reshape(micro_batches, rows // micro_batches, *x.shape[1:]), batch)
     first = jax.tree.map(lambda x: x[0], split)
-    (_, stats0), grads0 = grad_fn(params, first, entropy_coef, **kw)
+    (_, stats0), grads0 = grad_fn(params, first, entropy_coef, frozen, **kw)
 
     def body(carry, mb):
         grads, stats = carry
-        (_, s), g = grad_fn(params, mb, entropy_coef, **kw)
+        (_, s), g = grad_fn(params, mb, entropy_coef, frozen, **kw)
         return (jax.tree.map(jnp.add, grads, g), _combine(stats, s)), None
 
     rest = jax.tree.map(lambda x: x[1:], split)
@@ -166,16 +168,17 @@ def accumulate_gradients(params, batch: dict, *, graphdef, param_dtypes, spec: L
 
 @partial(jax.jit, static_argnames=("graphdef", "param_dtypes", "spec", "optimizer", "total_steps", "micro_batches"),
          donate_argnums=(0, 1))
-def update_step(params, opt_state, batch: dict, entropy_coef=0.0, *, graphdef, param_dtypes, spec: LossSpec,
-                optimizer: OptimizerSpec, total_steps: int, micro_batches: int = 1):
+def update_step(params, opt_state, batch: dict, entropy_coef=0.0, frozen=None, *, graphdef, param_dtypes,
+                spec: LossSpec, optimizer: OptimizerSpec, total_steps: int, micro_batches: int = 1):
     """One optimizer step on `batch` (see `batch_loss` for its keys; `denom_B` computed over the whole batch).
 
     Returns (params, opt_state, stats) with stats: loss (Σ over micro-batches), grad_norm (‖Σ∇‖₂ before
     clipping), num_tokens, and the token statistics of the loss. `params` and `opt_state` are donated.
-    `entropy_coef` (β, traced: a schedule does not recompile) is used only if `spec.entropy_bonus`.
+    `entropy_coef` (β, traced: a schedule does not recompile) is used only if `spec.entropy_bonus`. `frozen`:
+    the model state that is not trained (LoRA: the base weights; see `compute_model`), not donated.
     """
     grads, stats = accumulate_gradients(params, batch, graphdef=graphdef, param_dtypes=param_dtypes, spec=spec,
-                                        micro_batches=micro_batches, entropy_coef=entropy_coef)
+                                        micro_batches=micro_batches, entropy_coef=entropy_coef, frozen=frozen)
     tx = make_optimizer(optimizer, total_steps)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
