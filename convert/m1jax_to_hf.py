@@ -152,6 +152,13 @@ def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,
     Each HF tensor is fetched from the device arrays on its own (an expert stack one expert at a time); int8
     experts are dequantized (q·s) to `dtype`, by default the model's `param_dtype`.
     """
+    return export_weights(model.config, model_view_of(model, dtype), out_dir, dtype=dtype, shard_size=shard_size,
+                          tokenizer_dir=tokenizer_dir, progress=progress, stream=stream)
+
+
+def model_view_of(model, dtype: str | None = None) -> Callable[[ParamSpec], object]:
+    """`spec → numpy-indexable view` of an in-memory model's parameter (per layer, int8 experts dequantized to
+    `dtype`, by default the model's `param_dtype`); raises `ConvertError` for a parameter the model lacks."""
     from flax import nnx
 
     from m1jax.layer_stack import per_layer_arrays
@@ -166,5 +173,13 @@ def export_model(model, out_dir: str | os.PathLike, *, dtype: str | None = None,
             raise ConvertError(f"the model has no parameter {'.'.join(map(str, spec.path))}")
         return flat[spec.path]
 
-    return export_weights(model.config, view_of, out_dir, dtype=dtype, shard_size=shard_size,
-                          tokenizer_dir=tokenizer_dir, progress=progress, stream=stream)
+    return view_of
+
+
+def model_hf_tensors(model, dtype: str | None = None):
+    """Yield `(hf name, numpy array)` of an in-memory model in the original HF layout (what `export_model`
+    writes, without the files)."""
+    view_of = model_view_of(model, dtype)
+    for spec in param_specs(model.config, ORIGINAL):
+        view = view_of(spec)
+        yield from spec.hf_tensors(lambda index, view=view: view[index])

@@ -273,6 +273,29 @@ def _add_scheduler_args(p) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="default max_tokens of chat requests that give none")
 
 
+def cmd_verify(args) -> int:
+    """Check a checkpoint for silently wrong output (`m1jax.verify`); exit 1 when a check fails."""
+    import json
+
+    from m1jax.verify import verify
+
+    if args.model is None:
+        from m1jax.demo import demo_model
+
+        model, name = demo_model(), "the embedded demo model"
+    else:
+        from m1jax.loading import from_pretrained
+
+        model, name = from_pretrained(args.model, dtype="float32"), args.model
+    try:
+        report = verify(model, name=name, reference=args.reference, seq_len=args.seq_len, batch=args.batch,
+                        seed=args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m1jax", description="MiniMax-M1 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="shape arithmetic only (no libtpu needed)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan, argv=None)
+    p = sub.add_parser("verify", help="check a checkpoint for silently wrong output (self-consistency checks, "
+                       "optionally against transformers); exit code 1 on a failed check")
+    p.add_argument("--model", help="HF checkpoint dir or converted m1jax checkpoint (default: embedded demo)")
+    p.add_argument("--reference", choices=["transformers"], help="also compare every layer with transformers' "
+                   "MiniMaxForCausalLM (CPU fp32; needs torch and transformers)")
+    p.add_argument("--seq-len", type=int, help="probe tokens per sequence (default: 3 chunks of 1.5 lightning "
+                   "blocks + 1)")
+    p.add_argument("--batch", type=int, default=2, help="probe sequences")
+    p.add_argument("--seed", type=int, default=0, help="probe token seed")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
     from convert.cli import add_subcommands
     add_subcommands(sub)
     from train.cli import add_subcommands as add_train_subcommands

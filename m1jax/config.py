@@ -27,7 +27,7 @@ SOFTMAX = "full_attention"
 LAYER_KINDS = (LIGHTNING, SOFTMAX)
 
 DTYPES = ("float32", "bfloat16", "float16")
-LIGHTNING_IMPLS = ("auto", "xla", "pallas")
+LIGHTNING_IMPLS = ("auto", "xla", "pallas", "recurrent")
 MOE_IMPLS = ("auto", "ragged", "tiled", "gather", "switch", "dense")
 INT8_EXPERTS = "int8-experts"
 QUANTIZE_MODES = (None, INT8_EXPERTS)  # m1jax.quantize implements them
@@ -119,7 +119,7 @@ class ModelConfig:
     # --- runtime (never written to config.json) ---
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of weights (router gates always float32)
-    lightning_impl: str = "auto"  # "xla" | "pallas" | "auto"
+    lightning_impl: str = "auto"  # "xla" | "pallas" | "recurrent" | "auto"
     moe_impl: str = "auto"  # "ragged" | "tiled" | "gather" | "switch" | "dense" | "auto"
     quantize: str | None = None  # None | "int8-experts" (routed experts' w1/w3/w2 int8 + per-channel scales)
     moe_parallel: str = "auto"  # "auto": expert-parallel shard_map under a mesh with expert/tensor axes | "off"

@@ -129,9 +129,10 @@ def remat(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:
 
 # ---------------------------------------------------------------------------------------------- forward
 def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tuple | None, config: ModelConfig,
-                hidden_axes: tuple):
-    """h after all G groups, with per position p: the new cache entries and routing stats stacked `[G, ...]`;
-    h is constrained to the logical `hidden_axes` after every layer.
+                hidden_axes: tuple, collect_hidden: bool = False):
+    """h after all G groups, with per position p: the new cache entries, routing stats and (if
+    `collect_hidden`, else None) the layer's output h, stacked `[G, ...]`; h is constrained to the logical
+    `hidden_axes` after every layer.
 
     `caches`: per position, that position's cache entries stacked over groups (`Cache.layers` of a scanned
     model), or None.
@@ -141,7 +142,7 @@ def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tup
 
     def group(h, xs):
         layer_states, layer_caches, layer_slopes_ = xs
-        new_caches, stats = [], []
+        new_caches, stats, hidden = [], [], []
         for p, graphdef in enumerate(graphdefs):
             layer = nnx.merge(graphdef, layer_states[p])
             h, c, s = layer(h, ctx=ctx, layer_cache=None if layer_caches is None else layer_caches[p],
@@ -149,7 +150,8 @@ def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tup
             h = constrain(h, hidden_axes)
             new_caches.append(c)
             stats.append(s)
-        return h, (tuple(new_caches), tuple(stats))
+            hidden.append(h)
+        return h, (tuple(new_caches), tuple(stats), tuple(hidden) if collect_hidden else None)
 
     body = remat(group, config.remat, prevent_cse=False)
     return jax.lax.scan(body, h_BxLxD, (tuple(states), caches, slopes))

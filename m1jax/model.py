@@ -34,13 +34,15 @@ HIDDEN_AXES = ("batch", "seq", None)  # hidden states: split over batch, and ove
 class ModelOutput:
     """logits `[B, L, V]` fp32 (or `[B, 1, V]` with `logits="last"`, None with `logits="none"`); `hidden` the
     final-normed hidden states; `cache` the updated cache (if one was given); `lightning_states` the final
-    state of each lightning layer (in layer order); `routing` per-layer routing statistics (if requested)."""
+    state of each lightning layer (in layer order); `routing` per-layer routing statistics (if requested);
+    `layer_hidden` each decoder layer's output `[B, L, D]` before the final norm (if requested)."""
 
     logits: jax.Array | None
     hidden: jax.Array
     cache: Cache | None = None
     lightning_states: tuple = ()
     routing: tuple | None = None
+    layer_hidden: tuple | None = None
 
 
 class MiniMaxM1(nnx.Module):
@@ -58,13 +60,15 @@ class MiniMaxM1(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
                  valid_BxL: jax.Array | None = None, cache: Cache | None = None, logits: str = "all",
-                 return_routing: bool = False, moe_impl: str | None = None) -> ModelOutput:
+                 return_routing: bool = False, return_hidden: bool = False, moe_impl: str | None = None
+                 ) -> ModelOutput:
         """Forward pass over int32 token ids `[B, L]`.
 
         positions_BxL: RoPE positions (default: 0..L−1, or continuing the cache).
         valid_BxL: False marks padding (never attended to, never added to a lightning state).
         cache: if given, the tokens are appended at slots `cache.length ...` and the updated cache returned.
         logits: "all" | "last" (only position L−1) | "none".
+        return_hidden: also return every layer's output (`ModelOutput.layer_hidden`, for `m1jax.verify`).
         """
         c = self.config
         if tokens_BxL.ndim != 2:
@@ -97,17 +101,20 @@ class MiniMaxM1(nnx.Module):
         h = constrain(self.embed_tokens[...][tokens_BxL].astype(dt), HIDDEN_AXES)
         layer_caches = None if cache is None else cache.layers
         if c.scan_groups:
-            h, (new_layers, stats) = scan_layers(self.stacked_layers, h, ctx=ctx, caches=layer_caches, config=c,
-                                                hidden_axes=HIDDEN_AXES)
+            h, (new_layers, stats, hidden) = scan_layers(self.stacked_layers, h, ctx=ctx, caches=layer_caches,
+                                                        config=c, hidden_axes=HIDDEN_AXES, collect_hidden=return_hidden)
             per_layer, routing = unstack_groups(new_layers, c.scan_groups), unstack_groups(stats, c.scan_groups)
+            hidden = unstack_groups(hidden, c.scan_groups) if return_hidden else None
         else:
-            per_layer, routing = [], []
+            per_layer, routing, hidden = [], [], []
             for i, layer in enumerate(self.layers):
                 h, layer_cache, layer_stats = _apply_layer(layer, h, ctx, None if cache is None else layer_caches[i],
                                                            c.remat)
                 h = constrain(h, HIDDEN_AXES)
                 per_layer.append(layer_cache)
                 routing.append(layer_stats)
+                if return_hidden:
+                    hidden.append(h)
             new_layers = tuple(per_layer)
         states = [per_layer[i] for i in c.lightning_layers]
         h = rms_norm(h, self.norm[...], c.rms_norm_eps)
@@ -120,7 +127,8 @@ class MiniMaxM1(nnx.Module):
             new_cache = cache.replace(layers=tuple(new_layers), valid_BxS=ctx["cache_valid_BxS"],
                                       length=cache.length + l)
         return ModelOutput(logits=out_logits, hidden=h, cache=new_cache, lightning_states=tuple(states),
-                           routing=tuple(routing) if return_routing else None)
+                           routing=tuple(routing) if return_routing else None,
+                           layer_hidden=tuple(hidden) if return_hidden else None)
 
     def layer(self, i: int) -> DecoderLayer:
         """Decoder layer `i` (for a scanned model: a copy of its slice of the stacked parameters)."""

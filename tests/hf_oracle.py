@@ -1,5 +1,6 @@
 """Test helpers around the PyTorch oracle: transformers' `MiniMaxForCausalLM` with random weights, saved as
-an HF checkpoint in either layout. Test-only (torch and transformers are never imported by the library)."""
+an HF checkpoint in either layout. Test-only (the library imports torch and transformers only in
+`m1jax.hf_reference`)."""
 
 from __future__ import annotations
 
@@ -8,44 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import MiniMaxConfig, MiniMaxForCausalLM
+from transformers import MiniMaxForCausalLM
 
 from convert.safetensors_io import write_safetensors
 from m1jax.config import ModelConfig
-
-
-def hf_config(config: ModelConfig) -> MiniMaxConfig:
-    """transformers' config for an m1jax config (the oracle only matches RC when rotary covers the head)."""
-    d = config.replace(hf_spelling="transformers", hf_source_json="{}").to_hf_dict()
-    d.pop("rotary_dim", None)
-    d.pop("postnorm", None)
-    d.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    return MiniMaxConfig(**d)
-
-
-def rc_slope_rate(self, device=None):
-    """RC's per-layer slope factor 1 − l/(L−1) + 1e-5 (transformers puts the 1e-5 inside the denominator)."""
-    base = 1 / (2 ** (8 / self.num_attention_heads))
-    rate = base ** (torch.arange(self.num_attention_heads, device=device) + 1)
-    factor = 1 - self.layer_idx / (self.num_hidden_layers - 1) + 1e-5
-    return (rate * factor)[:, None, None]
+from m1jax.hf_reference import new_transformers_model
 
 
 def make_hf_model(config: ModelConfig, seed: int = 0, *, rc_slopes: bool = True, std: float = 0.08
                   ) -> MiniMaxForCausalLM:
     """A random fp32 transformers model; norms perturbed so that they matter; RC slopes patched in if asked."""
-    from transformers.models.minimax import modeling_minimax
-
     torch.manual_seed(seed)
-    cfg = hf_config(config)
-    cfg.initializer_range = std
-    original = modeling_minimax.MiniMaxLightningAttention.get_slope_rate
-    if rc_slopes:
-        modeling_minimax.MiniMaxLightningAttention.get_slope_rate = rc_slope_rate
-    try:
-        model = MiniMaxForCausalLM(cfg).eval()
-    finally:
-        modeling_minimax.MiniMaxLightningAttention.get_slope_rate = original
+    model = new_transformers_model(config.replace(initializer_range=std), rc_slopes=rc_slopes)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:

@@ -2,7 +2,7 @@
 
 * vs transformers `MiniMaxForCausalLM` (PyTorch, CPU, fp32) where it agrees with the remote code (RC):
   `rotary_dim == head_dim` and a power-of-two head count. Its per-layer slope factor puts the RC's `+1e-5`
-  inside the denominator (|Δslope| ≤ 6e-7); the oracle is patched to the RC factor (`hf_oracle.rc_slope_rate`)
+  inside the denominator (|Δslope| ≤ 6e-7); the oracle is patched to the RC factor (`m1jax.hf_reference.rc_slope_rate`)
   and one test also runs it unpatched.
 * vs an independent float64 reference written from the spec (`rc_reference.py`) for what transformers cannot
   check: partial RoPE (`rotary_dim < head_dim`, ignored by transformers) and non-power-of-two head counts

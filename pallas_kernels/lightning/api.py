@@ -1,6 +1,7 @@
 """Public lightning-attention entry points and the one place where an implementation is chosen.
 
-`impl`: "xla" (the pure-JAX blocked path of `reference.py`), "pallas" (the Pallas kernels), or "auto"
+`impl`: "xla" (the pure-JAX blocked path of `reference.py`), "pallas" (the Pallas kernels), "recurrent" (the
+token-by-token scan of `reference.py`: slow, the check `m1jax verify` compares the blocked paths with), or "auto"
 (Pallas where the backend has a compiled lowering — GPU via Triton, TPU via Mosaic — else XLA; also XLA when
 the kernels cannot tile the shapes, e.g. a head dim that is not a power of two on GPU).
 The environment variable `M1JAX_LIGHTNING_IMPL` ("xla" / "pallas") overrides what "auto" picks.
@@ -17,7 +18,7 @@ import jax
 
 from pallas_kernels.lightning import reference
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "recurrent")
 IMPL_ENV = "M1JAX_LIGHTNING_IMPL"
 # Measured on an H100 (benchmarks/RESULTS.md): the Pallas decode wins at batch 1 (31.7 vs 39.6 µs), XLA's
 # fused update at batch 128 (423 vs 556 µs); "auto" decodes larger batches on GPU with XLA.
@@ -68,6 +69,8 @@ def lightning_attention(q, k, v, slope, initial_state=None, *, block_size: int =
                 raise
         else:
             return prefill.lightning_attention_pallas(q, k, v, slope, initial_state, tiling=plan)
+    if impl == "recurrent":
+        return reference.lightning_attention_recurrent(q, k, v, slope, initial_state)
     return reference.lightning_attention_blocked(q, k, v, slope, initial_state,
                                                  block_size=min(block_size, XLA_MAX_BLOCK))
 
