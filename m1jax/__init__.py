@@ -17,6 +17,7 @@ _EXPORTS = {
     "init_cache": "m1jax.cache",
     "cache_memory": "m1jax.cache",
     "from_pretrained": "m1jax.loading",
+    "export_model": "convert.m1jax_to_hf",
     "init_sharded": "m1jax.loading",
     "abstract_sharded_model": "m1jax.loading",
     "abstract_cache": "m1jax.cache",

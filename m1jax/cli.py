@@ -280,9 +280,9 @@ def cmd_verify(args) -> int:
     from m1jax.verify import verify
 
     if args.model is None:
-        from m1jax.demo import demo_model
+        from m1jax.demo import load_default_model
 
-        model, name = demo_model(), "the embedded demo model"
+        model, name = load_default_model(dtype="float32")[0], "the embedded default model"
     else:
         from m1jax.loading import from_pretrained
 
