@@ -9,7 +9,8 @@ Input: one JSON object per line, `{"custom_id", "method": "POST", "url": "/v1/ch
   (`"response": {"status_code": 400, "body": {"error": ...}}`), in input order; the job goes on past them;
 * `manifest.json` — fingerprints of the model, the chat template, the sampling defaults and the input file; a
   resume with any of them changed is refused;
-* `journal.jsonl` — every finished request, appended and fsync'ed as it finishes. A rerun after `kill -9` at any
+* `journal.jsonl` — every finished request, appended and fsync'ed as it finishes (by a writer thread, in groups,
+  while the scheduler keeps stepping). A rerun after `kill -9` at any
   moment skips the journaled `custom_id`s (a torn last line is dropped) and, once all are done, writes the final
   files atomically from the journal. Everything in a response is a function of the request and the manifest
   (ids from the `custom_id`, `created` from the manifest, the default seed from the `custom_id`), so with greedy
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,7 +153,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class Journal:
-    """Append-only record of finished requests (`{"position", "custom_id", "ok", "record"}` per line, fsync'ed)."""
+    """Append-only record of finished requests (`{"position", "custom_id", "ok", "record"}` per line).
+
+    `add` queues a line; a writer thread appends queued lines and fsyncs them in groups, so the scheduler keeps
+    stepping while the disk syncs (one fsync costs milliseconds: per request it would stall the decode loop).
+    A line lost to a kill before its fsync is a request recomputed by the rerun; `close` writes and syncs the rest.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -166,16 +173,49 @@ class Journal:
                 with open(path, "r+b") as f:
                     f.truncate(len(complete))
         self.file = open(path, "ab")
+        self._queue: list[bytes] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="m1jax-batch-journal", daemon=True)
+        self._writer.start()
 
     def add(self, position: int, custom_id: str | None, ok: bool, record: dict) -> None:
         entry = {"position": position, "custom_id": custom_id, "ok": ok, "record": record}
-        self.file.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.records[position] = entry
+        line = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            self._queue.append(line)
+            self._cond.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                lines, self._queue = self._queue, []
+                if not lines and self._closing:
+                    return
+            try:
+                self.file.write(b"".join(lines))
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:  # reported by the next add / close
+                with self._cond:
+                    self._error = e
+                return
 
     def close(self) -> None:
+        """Writes and fsyncs every queued line, then closes the file."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._writer.join()
         self.file.close()
+        if self._error is not None:
+            raise self._error
 
 
 def _error_record(item: InputLine, err: ApiError | None = None, message: str | None = None) -> dict:
