@@ -362,3 +362,40 @@ def test_client_disconnect_frees_its_slot(stack):
     while stack["scheduler"].stats()["running"] + stack["scheduler"].stats()["waiting"] > 0:
         assert time.monotonic() < deadline, stack["scheduler"].stats()
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_serve_command():
+    """`m1jax serve --preset tiny --port P` answers /health, /v1/models and a chat completion."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "m1jax", "serve", "--preset", "tiny", "--port", str(port),
+                             "--slots", "2", "--context-window", "256"], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "m1jax-tiny"
+        r = _post(url, "/v1/chat/completions", {"messages": MSG, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    finally:
+        proc.kill()
+        proc.wait()
