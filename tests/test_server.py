@@ -328,6 +328,20 @@ def test_malformed_requests_are_4xx_naming_the_field(stack):
         assert http.get(url + "/health").status_code == 200
 
 
+def test_scheduler_refusals_name_the_field():
+    """A request the scheduler refuses at submit (GenerationError) is a 400 naming the API field it is about."""
+    from types import SimpleNamespace
+
+    from m1jax.generation import GenerationError
+    from m1jax.serving.openai_protocol import refused
+
+    chat, completion = SimpleNamespace(kind="chat"), SimpleNamespace(kind="completion")
+    err = refused(GenerationError("expert_threshold < 1 is not implemented yet"), chat)
+    assert (err.status, err.param) == (400, "expert_threshold")
+    assert refused(GenerationError("top_logprobs must be in [0, 20]"), completion).param == "logprobs"
+    assert refused(GenerationError("something else"), chat).param is None
+
+
 def test_fuzzed_bodies_never_crash(stack):
     """Random type swaps and deletions in a valid body: always a 2xx or 4xx answer, never a 5xx or a hang."""
     rng = random.Random(1)

@@ -45,6 +45,7 @@ from m1jax.serving.openai_protocol import (
     chat_completion_body,
     completion_body,
     parse_body,
+    refused,
 )
 
 BATCH_URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -319,12 +320,12 @@ def run_batch(input_path, output_dir, scheduler, tokenizer, *, model_name: str, 
                     raise ApiError("stream is not supported in a batch", param="stream")
                 prepared = build_request(body, tokenizer, context_window=context_window, defaults=defaults,
                                          request_id=f"{item.position}", default_seed=_seed_of(item.custom_id))
-                handle = scheduler.submit(prepared.request)
+                try:
+                    handle = scheduler.submit(prepared.request)
+                except GenerationError as e:
+                    raise refused(e, prepared) from None
             except ApiError as e:
                 finish(item, False, _error_record(item, e))
-                continue
-            except GenerationError as e:
-                finish(item, False, _error_record(item, ApiError(str(e))))
                 continue
             pending[item.position] = (item, prepared, handle)
             return True

@@ -412,6 +412,17 @@ def build_request(body: BaseModel, tokenizer, *, context_window: int, defaults: 
     return Prepared(request=request, kind=kind, prompt_ids=ids, logprobs=logprobs, top_logprobs=top, tools=tools)
 
 
+def refused(error: Exception, prepared: Prepared) -> ApiError:
+    """The 400 for a request the scheduler refused at `submit` (a GenerationError), naming the API field its
+    message is about (`expert_threshold`, `return_routed_experts`, `thinking_budget`, `top_logprobs`)."""
+    message = str(error)
+    fields = ("expert_threshold", "return_routed_experts", "thinking_budget", "top_logprobs")
+    param = next((f for f in fields if message.startswith(f)), None)
+    if param == "top_logprobs" and prepared.kind == "completion":
+        param = "logprobs"
+    return ApiError(message, param=param)
+
+
 # ---- responses --------------------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from m1jax.serving.openai_protocol import (
     generate_body,
     new_id,
     parse_body,
+    refused,
 )
 
 MAX_BODY_BYTES = 64 << 20
@@ -168,7 +169,7 @@ def create_app(scheduler, tokenizer, model_name: str, *, context_window: int | N
         try:
             handle = scheduler.submit(prepared.request)
         except GenerationError as e:
-            raise ApiError(str(e)) from None
+            raise refused(e, prepared) from None
         if getattr(body, "stream", False):
             cls = ChatStream if url == CHAT_URL else CompletionStream
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
