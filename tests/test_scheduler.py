@@ -190,3 +190,14 @@ def test_bad_scheduler_settings_are_named(engine):
     sched.submit(Request([1, 2], sp(4), request_id="x"))
     with pytest.raises(GenerationError, match="already in use"):
         sched.submit(Request([1, 2], sp(4), request_id="x"))
+
+
+def test_thinking_budget_defaults_to_the_config(tiny, tok):
+    engine = Engine(tiny, tok)
+    engine.config = engine.config.replace(thinking_budget=7)
+    assert engine.thinking_budgets(None, 2) == [7, 7] and engine.thinking_budgets([3, None], 2) == [3, None]
+    bare = Engine(tiny)  # no tokenizer: no text to force, so the config default does not apply
+    bare.config = engine.config
+    assert bare.thinking_budgets(None, 1) == [None]
+    with pytest.raises(GenerationError, match="thinking_budget needs a tokenizer"):
+        bare.thinking_budgets(4, 1)
