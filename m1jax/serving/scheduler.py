@@ -14,8 +14,9 @@ Design (the model and the cache format stay those of `Engine`):
   it is inserted into its row right-aligned to the pool's L: its lightning states replace the row's, its K/V
   and valid mask are placed at slots L − P … L − 1 (P its padded length) and every other slot of the row is
   made invalid — nothing of the row's previous request survives (`_insert_row`). If L is shorter than the
-  prompt, the whole timeline first moves right; when a burst would run past the capacity it moves left by
-  the smallest start of a live row (`_shift_slots`, both jitted).
+  prompt, the whole timeline first moves right; when a burst would run past the capacity, or when more than
+  half of the timeline lies before every live row (slots each softmax decode step would read for nothing), it
+  moves left by the smallest start of a live row (`_shift_slots`, both jitted).
 * With `prefix_cache_tokens` > 0 a newcomer is instead prefilled block-aligned (block = `prefill_chunk`) through
   `m1jax.prefix_cache.RowPrefill`: it restores the deepest cached prefix of its prompt (lightning states, K/V,
   logits) and snapshots its new full blocks; its row then holds exactly its n prompt tokens (`packed_cache`).
@@ -306,16 +307,21 @@ class Scheduler:
                 self._wake.notify_all()
 
     def step(self) -> bool:
-        """One iteration: cancellations, admission of a waiting request, ≤ one prefill chunk, one decode burst.
-        Returns False when nothing is left to do."""
+        """One iteration: cancellations; prefill chunks of newcomers (admitted while slots are free) up to
+        `prefill_chunk` prompt tokens in all; one decode burst. Returns False when nothing is left to do."""
         with self._step_lock:
             t0 = time.perf_counter()
             with self._lock:
                 cancels, self._cancels = self._cancels, set()
             for rid in cancels:
                 self._cancel_now(rid)
-            self._admit()
-            worked = self._prefill_chunk()
+            budget, worked = self.prefill_chunk, False
+            while budget > 0:
+                self._admit()
+                ran = self._prefill_chunk()
+                if ran is None:
+                    break
+                budget, worked = budget - ran, True
             worked = self._decode_burst() or worked
             if worked:
                 self._busy_s += time.perf_counter() - t0
@@ -417,18 +423,21 @@ class Scheduler:
         job.row_cache = init_cache(self.config, 1, self._row_slots, mesh=self.engine.mesh, rules=self.engine.rules)
         self._prefilling = job
 
-    def _prefill_chunk(self) -> bool:
-        """One chunk of the newcomer's prompt; at its end the row joins the pool."""
+    def _prefill_chunk(self) -> int | None:
+        """One chunk of the newcomer's prompt; returns the tokens it ran (None: no newcomer). At the prompt's end
+        the row joins the pool."""
         job = self._prefilling
         if job is None:
-            return False
+            return None
         if job.prefill is not None:  # block-aligned, through the prefix cache (a fully cached prompt: no call)
+            ran = 0
             if not job.prefill.done:
                 job.prefill.step()
+                ran = self.prefill_chunk
             if job.prefill.done:
                 job.row_cache, job.row_logits = job.prefill.packed_cache(), job.prefill.state().next_logits_BxV
                 self._join_pool(job)
-            return True
+            return ran
         tokens, positions, valid, chunk = job.layout
         s = job.done_tokens
         with self.engine._on_mesh():
@@ -438,7 +447,7 @@ class Scheduler:
         job.done_tokens += chunk
         if job.done_tokens >= tokens.shape[1]:
             self._join_pool(job)
-        return True
+        return chunk
 
     def _join_pool(self, job: _Job) -> None:
         n = len(job.prompt)
@@ -472,24 +481,28 @@ class Scheduler:
                                  budgets=[j.budget if j else None for j in live], think=self.engine.think_tokens(),
                                  stop_width=8)
             sp["out_capacity"] = np.zeros((self.decode_steps,), np.int8)
-            self._sp = sp
+            self._sp = jax.device_put(sp)
         return self._sp
 
     def _decode_burst(self) -> bool:
         live = [j for j in self._jobs if j is not None and j.live]
         if not live:
             return False
-        if self._length + self.decode_steps > self.capacity:
-            self._shift(-min(self._length - j.span for j in live))
+        start = min(self._length - j.span for j in live)  # the first slot a live row uses
+        if self._length + self.decode_steps > self.capacity or start >= max(self._length // 2, self.capacity // 8):
+            # full, or more than half the timeline is dead slots that every softmax decode step would read
+            self._shift(-start)
+            if self._length + self.decode_steps > self.capacity:  # unreachable: spans stay < context_window
+                raise RuntimeError(f"scheduler timeline overflow: {self._length} + {self.decode_steps} slots "
+                                   f"> capacity {self.capacity}")
         n_top = TOP_LOGPROBS if any(j.request.top_logprobs for j in live) else 0
         before = self._prog
         with self.engine._on_mesh():
             outs, self._state, prog = _decode_loop(
                 self.engine.graphdef, n_top, self.engine._decode_params(self.slots), self._state, before,
                 self._sampling(), jnp.asarray(self.decode_steps, jnp.int32))
-        outs = {k: to_host(v) for k, v in outs.items()}
-        prog = jax.tree.map(lambda x: np.array(to_host(x)), prog)
-        self._length = int(to_host(self._state.cache.length))
+        outs, prog, length = jax.tree.map(lambda x: np.array(to_host(x)), (outs, prog, self._state.cache.length))
+        self._length = int(length)
         n_new = prog.n_gen_B - before.n_gen_B
         self._prog = prog
         for job in live:
