@@ -201,3 +201,14 @@ def test_thinking_budget_defaults_to_the_config(tiny, tok):
     assert bare.thinking_budgets(None, 1) == [None]
     with pytest.raises(GenerationError, match="thinking_budget needs a tokenizer"):
         bare.thinking_budgets(4, 1)
+
+
+def test_cli_generate_thinking_budget(capsys):
+    from m1jax.cli import main
+
+    assert main(["generate", "--preset", "tiny", "--prompt", "Hi", "--max-new-tokens", "12", "--temperature", "0",
+                 "--thinking-budget", "2", "--no-stream"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("</think>") >= 1 and "7 reasoning tokens" in err  # 2 + the 5 tokens of "\n</think>"
+    assert main(["generate", "--preset", "tiny", "--max-new-tokens", "3", "--thinking-budget", "-1"]) == 2
+    assert "thinking_budget" in capsys.readouterr().err
