@@ -109,15 +109,16 @@ def build_from_views(config: ModelConfig, views: dict[tuple, object], *, mesh=No
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh=None, rules=None, lightning_impl: str = "auto", moe_impl: str = "auto",
-                    quantize: str | None = None, scan_layers: str | bool = "auto", remat: str = "none"
-                    ) -> MiniMaxM1:
+                    quantize: str | None = None, scan_layers: str | bool = "auto", remat: str = "none",
+                    moe_parallel: str = "auto") -> MiniMaxM1:
     """Load a MiniMax checkpoint as an `MiniMaxM1`: an HF directory (original or transformers-native layout) or
     an m1jax checkpoint written by `m1jax convert` (recognised by its `m1jax_checkpoint.json` commit marker).
 
     dtype: compute dtype (default: the checkpoint's dominant / stored float dtype); param_dtype: weight storage
-    dtype (default: `dtype`). Router gates stay fp32. `scan_layers`, `remat`: see `ModelConfig` (the checkpoint's
-    per-layer parameters are stacked for a scanned model as they are read). With `mesh`, every device reads only
-    its own shard of each parameter (memory-mapped safetensors views or tensorstore reads of the device's index domain).
+    dtype (default: `dtype`). Router gates stay fp32. `scan_layers`, `remat`, `moe_parallel`: see `ModelConfig`
+    (the checkpoint's per-layer parameters are stacked for a scanned model as they are read). With `mesh`, every
+    device reads only its own shard of each parameter (memory-mapped safetensors views or tensorstore reads of the
+    device's index domain).
     quantize: "int8-experts" quantizes the routed experts' weights as they are read (`m1jax.quantize`: each
     device's region from the full input extent of its columns, one expert at a time, so no float copy of an
     expert stack is ever held); None loads the checkpoint as stored (int8 if `m1jax convert --quantize` made it).
@@ -128,7 +129,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
     from convert.m1jax_checkpoint import COMPLETE, INCOMPLETE, M1jaxCheckpoint, directory_state
 
     path = Path(path)
-    runtime = {"lightning_impl": lightning_impl, "moe_impl": moe_impl, "scan_layers": scan_layers, "remat": remat}
+    runtime = {"lightning_impl": lightning_impl, "moe_impl": moe_impl, "scan_layers": scan_layers, "remat": remat,
+               "moe_parallel": moe_parallel}
     if directory_state(path) in (COMPLETE, INCOMPLETE):
         ckpt = M1jaxCheckpoint(path)  # refuses an incomplete one with a clear message
         dtype = dtype or ckpt.dtype

@@ -145,10 +145,12 @@ class MiniMaxM1(nnx.Module):
         layer.layer_idx = layer.self_attn.layer_idx = i
         return layer
 
-    def lm_head_logits(self, h_BxLxD: jax.Array) -> jax.Array:
-        """fp32 LM head: logits = h·W_lm with both operands in fp32 (tech report §3.2)."""
+    def lm_head_logits(self, h_BxLxD: jax.Array, columns_DxV: jax.Array | None = None) -> jax.Array:
+        """fp32 LM head: logits = h·W_lm with both operands in fp32 (tech report §3.2); `columns_DxV`: a subset of
+        W_lm's columns (a vocabulary chunk) to use instead of the whole head."""
+        w_DxV = self.lm_head[...] if columns_DxV is None else columns_DxV
         h = dot_boundary(h_BxLxD.astype(jnp.float32))
-        return dot_boundary(linear(h, self.lm_head[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST))
+        return dot_boundary(linear(h, w_DxV.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST))
 
 
 def _apply_layer(layer: DecoderLayer, h, ctx, layer_cache, policy: str):

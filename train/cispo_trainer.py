@@ -2,7 +2,8 @@
 
 One step t:
 1. Rollouts: `num_prompts` prompts × G samples with the generation engine at the current parameters θ_t
-   (temperature/top-p from the config, repetition early stop, per-sample seeds (seed, t, prompt, sample)).
+   (temperature/top-p from the config, repetition early stop, per-sample seeds (seed, t, prompt, sample)); with
+   `rollout.mesh`, θ_t is cast and resharded into the rollout layout by one jitted copy each step.
    With dynamic sampling, groups whose rewards are all equal are dropped and more prompts are sampled (up to
    `max_rounds` generation rounds of the same shape); slots still empty are filled with masked-out rows.
 2. Rewards R_i = Σ_k w_k f_k (+ DAPO overlong penalty); the `shuffle_rewards` control permutes them in the batch.
@@ -16,13 +17,18 @@ One step t:
 
 from __future__ import annotations
 
+import functools
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from m1jax.generation import Engine
+from m1jax.loading import param_shardings
 from m1jax.sampling import SamplingParams
+from m1jax.sharding import make_mesh
 from train.advantages import group_advantages, zero_std_groups
 from train.data_sources import JsonlPrompts, Reverse3Prompts
 from train.logprobs import probability_agreement
@@ -31,7 +37,7 @@ from train.losses import token_normalizer
 from train.reward_stage import build_reward_set, overlong_penalty, score_rollouts, shuffle_within_batch
 from train.rollout import pack_rollouts, prompt_width, sample_groups
 from train.run_config import RunConfig, RunConfigError
-from train.update import LossSpec, forward_logprobs, update_step
+from train.update import LossSpec, cast_params, forward_logprobs, update_step
 
 
 def make_prompt_source(cfg: RunConfig, tokenizer):
@@ -54,7 +60,8 @@ class CISPOTrainer(TrainLoop):
         c = cfg.cispo
         self.loss_spec = LossSpec(kind=c.loss, eps_low=c.eps_low, eps_high=c.eps_high, masked=c.masked,
                                   max_log_ratio=c.max_log_ratio, aux_loss_coef=c.router_aux_loss_coef,
-                                  entropy_bonus=c.entropy_coef > 0)
+                                  entropy_bonus=c.entropy_coef > 0, seq_chunk=cfg.model.logprob_seq_chunk,
+                                  vocab_chunk=cfg.model.logprob_vocab_chunk)
         r = cfg.rollout
         self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                                        max_new_tokens=r.max_new_tokens, stop_token_ids=self.data.stop_token_ids,
@@ -62,13 +69,35 @@ class CISPOTrainer(TrainLoop):
                                        repetition_threshold=r.repetition_threshold)
         self.groups_per_minibatch = r.num_prompts // c.num_minibatches
         self.rows_per_micro = self.groups_per_minibatch * r.group_size // c.micro_batches
+        self.rollout_mesh = None
+        if r.mesh:
+            try:
+                self.rollout_mesh = make_mesh(dict(r.mesh))
+            except ValueError as e:
+                raise RunConfigError(f"run config field 'rollout.mesh': {e}") from None
+        self._to_rollout_layout = None
 
     # ------------------------------------------------------------------------------------------ rollouts
+    def rollout_model(self):
+        """The model the engine samples from: θ_t in the compute dtypes (LoRA: merged), laid out on the rollout
+        mesh if there is one (a jitted cast with `out_shardings`: one copy, made directly in that layout)."""
+        m = self.model
+        if self.rollout_mesh is None:
+            return m.inference_model(self.params)
+        if m.frozen is not None:  # LoRA: the merged model, moved into the rollout layout
+            graphdef, state = nnx.split(m.inference_model(self.params))
+            return nnx.merge(graphdef, jax.device_put(state, param_shardings(state, self.rollout_mesh)))
+        if self._to_rollout_layout is None:
+            shardings = param_shardings(self.params, self.rollout_mesh)
+            self._to_rollout_layout = jax.jit(functools.partial(cast_params, param_dtypes=m.param_dtypes),
+                                              out_shardings=shardings)
+        return nnx.merge(m.graphdef, self._to_rollout_layout(self.params))
+
     def _generate_round(self, step: int, round_index: int) -> dict:
         """One generation round: prompts, samples, rewards (after the control), advantages, packed arrays."""
         r, g = self.cfg.rollout, self.cfg.rollout.group_size
         prompts = self.data.next_batch(r.num_prompts)
-        engine = Engine(self.model.inference_model(self.params), self.tokenizer, prefill_chunk=r.prefill_chunk)
+        engine = Engine(self.rollout_model(), self.tokenizer, prefill_chunk=r.prefill_chunk, mesh=self.rollout_mesh)
         t0 = time.perf_counter()
         results = sample_groups(engine, [p.ids for p in prompts], g, self.sampling, run_seed=self.cfg.seed,
                                 step=step, first_prompt_index=round_index * r.num_prompts)
@@ -144,7 +173,8 @@ class CISPOTrainer(TrainLoop):
         for sl in rows_per_chunk(n_rows, self.rows_per_micro):
             dev = as_batch({"t": batch["tokens_NxL"][sl], "v": batch["valid_NxL"][sl]}, self.mesh)
             lp, ent = forward_logprobs(self.params, dev["t"], dev["v"], self.model.frozen,
-                                       graphdef=self.model.graphdef, param_dtypes=self.model.param_dtypes)
+                                       graphdef=self.model.graphdef, param_dtypes=self.model.param_dtypes,
+                                       seq_chunk=self.loss_spec.seq_chunk, vocab_chunk=self.loss_spec.vocab_chunk)
             old_logp.append(lp)
             entropy.append(ent)
         old_logp_NxL = np.asarray(jnp.concatenate(old_logp), np.float32)

@@ -31,10 +31,10 @@ from m1jax.sharding import make_mesh
 from train.checkpointing import TrainCheckpointer
 from train.data_sources import stream_rng
 from train.metrics_log import MetricsLog
-from train.model_setup import ModelBundle, build_model, save_model_config
+from train.model_setup import ModelBundle, build_model, is_abstract, save_model_config
 from train.optim import learning_rate_schedule, optimizer_step_count, schedule_horizon
 from train.run_config import RunConfig, RunConfigError
-from train.update import init_optimizer_state
+from train.update import abstract_optimizer_state, init_optimizer_state
 
 KILL_ENV = "M1JAX_TRAIN_KILL_AT_STEP"
 TRAINER_STREAM = 2
@@ -56,17 +56,15 @@ class TrainLoop:
         os.makedirs(self.output_dir, exist_ok=True)
         self.mesh = make_mesh(dict(cfg.mesh)) if cfg.mesh else None
         self.horizon = schedule_horizon(cfg.optimizer, cfg.optimizer_steps)  # the jit static of the schedule
+        self.checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
+        # A run that will resume gets shapes and shardings only: the restore fills them (no init to throw away).
+        resuming = model is None and self.checkpointer.latest_step() is not None
         with self.mesh_context():
-            self.model = model or build_model(cfg.model, seed=cfg.init_seed, mesh=self.mesh)
-            self.params = self.model.params
-            self.opt_state = init_optimizer_state(self.params, cfg.optimizer, self.horizon)
-            if self.mesh is None:
-                # Committed, like the arrays a restore returns: a resumed run then hits the same jit cache entries.
-                self.params, self.opt_state = jax.device_put((self.params, self.opt_state), jax.devices()[0])
+            self.model = model or build_model(cfg.model, seed=cfg.init_seed, mesh=self.mesh, abstract=resuming)
+            self._init_state(self.model.params)
         self.schedule = learning_rate_schedule(cfg.optimizer, self.horizon)
         self.rng = stream_rng(cfg.seed, TRAINER_STREAM)
         self.step = 0
-        self.checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
         save_model_config(self.model.config, cfg.checkpoint_dir,
                           cfg.model.model_dump(mode="json", exclude_none=True))
         self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), progress=cfg.log.progress,
@@ -83,6 +81,27 @@ class TrainLoop:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ state
+    def _init_state(self, params) -> None:
+        """`self.params` and a fresh `self.opt_state` for them, both in their shardings (abstract if `params`
+        are)."""
+        cfg = self.cfg
+        if is_abstract(params):
+            self.params = params
+            self.opt_state = abstract_optimizer_state(params, cfg.optimizer, self.horizon)
+            return
+        if self.mesh is None:
+            # Committed, like the arrays a restore returns: a resumed run then hits the same jit cache entries.
+            params = jax.device_put(params, jax.devices()[0])
+        self.params = params
+        self.opt_state = init_optimizer_state(params, cfg.optimizer, self.horizon)
+
+    def _materialize(self) -> None:
+        """Initialise the parameters and optimizer state if they are still abstract (a run not resumed)."""
+        if is_abstract(self.params):
+            with self.mesh_context():
+                self.model = build_model(self.cfg.model, seed=self.cfg.init_seed, mesh=self.mesh)
+                self._init_state(self.model.params)
+
     def learning_rate(self) -> float:
         """η of the last applied update."""
         return float(self.schedule(max(optimizer_step_count(self.opt_state) - 1, 0)))
@@ -96,6 +115,7 @@ class TrainLoop:
         """Restore the latest checkpoint if there is one; cut metrics.jsonl back to it. Returns its step."""
         latest = self.checkpointer.latest_step()
         if latest is None:
+            self._materialize()
             self.metrics.truncate_after(0)
             return None
         with self.mesh_context():
@@ -116,6 +136,7 @@ class TrainLoop:
         if resume:
             self.maybe_resume()
         else:
+            self._materialize()
             self.metrics.truncate_after(0)
         kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         history = []

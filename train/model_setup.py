@@ -3,8 +3,10 @@ training run; held as fp32 master parameters plus the dtypes the forward pass ca
 
     master θ (fp32, optimizer state fp32)  ──cast──▶  compute θ (config.param_dtype; router gates fp32)
 
-With a mesh, parameters are created (`init_sharded`) or read (`from_pretrained`) directly in the sharding of the
-m1jax rules table (`m1jax.sharding`).
+With a mesh, parameters are created (`init_sharded`), read (`from_pretrained`) or restored (orbax, into the
+abstract sharded state) directly in the sharding of the m1jax rules table (`m1jax.sharding`): nothing passes
+through one device or the host. `build_model(..., abstract=True)` returns `jax.ShapeDtypeStruct`s with those
+shardings instead (a restore target: a resumed run never initialises the parameters it is about to replace).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flax import nnx
 
 from m1jax import lora
 from m1jax.config import ConfigError, ModelConfig
-from m1jax.loading import abstract_model, init_sharded
+from m1jax.loading import abstract_model, init_sharded, param_shardings
 from m1jax.model import MiniMaxM1
 from train.checkpointing import TrainCheckpointer, is_train_checkpoint_dir
 from train.run_config import ModelSpec, RunConfigError
@@ -64,7 +66,8 @@ def compute_dtypes(config: ModelConfig) -> tuple[str, ...]:
 
 def _runtime(spec: ModelSpec) -> dict:
     return {"dtype": spec.dtype, "param_dtype": "float32", "moe_impl": spec.moe_impl,
-            "lightning_impl": spec.lightning_impl, "quantize": spec.quantize}
+            "lightning_impl": spec.lightning_impl, "quantize": spec.quantize, "scan_layers": spec.scan_layers,
+            "remat": spec.remat, "moe_parallel": spec.moe_parallel}
 
 
 def _resolve_config(spec: ModelSpec) -> ModelConfig:
@@ -82,12 +85,33 @@ def _init(config: ModelConfig, seed: int, mesh) -> MiniMaxM1:
     return MiniMaxM1(config, rngs=nnx.Rngs(seed)) if mesh is None else init_sharded(config, mesh, seed=seed)
 
 
+def abstract_params(config: ModelConfig, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings): the rules' `NamedSharding` on
+    `mesh`, or the first device without a mesh. Nothing is allocated."""
+    graphdef, state = abstract_model(config)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, state)
+    else:
+        shardings = param_shardings(state, mesh)
+    return graphdef, jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state,
+                                  shardings)
+
+
+def is_abstract(params) -> bool:
+    """Whether `params` are shapes only (`build_model(..., abstract=True)`)."""
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+
+
 def _checkpoint_root(path: Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
-    """The run's model (see module docstring); random init uses `nnx.Rngs(seed)`."""
+def build_model(spec: ModelSpec, *, seed: int, mesh=None, abstract: bool = False) -> ModelBundle:
+    """The run's model (see module docstring); random init uses `nnx.Rngs(seed)`. `abstract`: shapes and
+    shardings only for a preset, inline config or training checkpoint (an HF / m1jax checkpoint is read, and a
+    LoRA model is always built)."""
+    abstract = abstract and spec.lora is None
     param_dtype = spec.param_dtype or spec.dtype
     if spec.checkpoint is not None:
         path = Path(spec.checkpoint)
@@ -103,16 +127,16 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
             except (OSError, json.JSONDecodeError, ConfigError) as e:
                 raise RunConfigError(f"run config field 'model.checkpoint': no usable {MODEL_CONFIG_FILE} in "
                                      f"{root}: {e}") from None
-            graphdef, params = nnx.split(_init(config, seed, mesh))
-            ckpt = TrainCheckpointer(root)
-            step = ckpt.latest_step()
-            params = ckpt.restore_params(step, params)
-            ckpt.close()
+            graphdef, params = abstract_params(config, mesh)
+            if not abstract:
+                ckpt = TrainCheckpointer(root)
+                params = ckpt.restore_params(ckpt.latest_step(), params)
+                ckpt.close()
         else:
             from m1jax.loading import from_pretrained
 
             model = from_pretrained(path, dtype=spec.dtype, param_dtype="float32", mesh=mesh,
-                                    lightning_impl=spec.lightning_impl, moe_impl=spec.moe_impl, quantize=spec.quantize)
+                                    **{k: v for k, v in _runtime(spec).items() if k not in ("dtype", "param_dtype")})
             config = model.config
             if config.quantize is not None and spec.lora is None:
                 raise RunConfigError(f"run config field 'model.checkpoint': {path} holds {config.quantize} weights "
@@ -121,11 +145,13 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None) -> ModelBundle:
             graphdef, params = nnx.split(model)
     else:
         config = _resolve_config(spec)
-        graphdef, params = nnx.split(_init(config, seed, mesh))
+        graphdef, params = abstract_params(config, mesh) if abstract else nnx.split(_init(config, seed, mesh))
     compute_config = config.replace(param_dtype=param_dtype)
     if spec.lora is not None:
         return _with_adapters(compute_config, graphdef, params, spec, seed=seed)
-    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    if not abstract:  # (already fp32: every source above is built with param_dtype fp32)
+        params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                              params)
     return ModelBundle(config=compute_config, graphdef=graphdef, params=params,
                        param_dtypes=compute_dtypes(compute_config))
 

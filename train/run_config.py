@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from m1jax.config import DTYPES, LIGHTNING_IMPLS, MOE_IMPLS
+from m1jax.config import DTYPES, LIGHTNING_IMPLS, MOE_IMPLS, MOE_PARALLEL, REMAT_POLICIES, SCAN_LAYERS
 from m1jax.sharding import MESH_AXES
 from train.rewards import ON_ERROR
 
@@ -156,7 +156,10 @@ class LoraSpec(_Section):
 
 class ModelSpec(_Section):
     """Where the model comes from — exactly one of `preset`, `config` (an inline HF config.json dict),
-    `checkpoint` (a directory) — and its runtime choices (`param_dtype` None: = dtype; `init_seed` None: = seed).
+    `checkpoint` (a directory) — and its runtime choices (`param_dtype` None: = dtype; `init_seed` None: = seed;
+    `scan_layers`, `remat` (per scanned layer group), `moe_parallel`: the `m1jax.config.ModelConfig` fields;
+    `logprob_seq_chunk`, `logprob_vocab_chunk`: the fp32 head's log-probs in chunks of that many positions per row /
+    vocabulary columns (None: all at once), `train.logprobs.head_logprobs`).
     `lora`: train low-rank adapters instead of every weight; `quantize: int8-experts` (LoRA only) keeps the
     frozen experts int8."""
 
@@ -167,6 +170,11 @@ class ModelSpec(_Section):
     param_dtype: Literal[DTYPES] | None = None
     moe_impl: Literal[MOE_IMPLS] = "auto"
     lightning_impl: Literal[LIGHTNING_IMPLS] = "auto"
+    scan_layers: Literal[SCAN_LAYERS] = "auto"
+    remat: Literal[REMAT_POLICIES] = "none"
+    moe_parallel: Literal[MOE_PARALLEL] = "auto"
+    logprob_seq_chunk: PosInt | None = None
+    logprob_vocab_chunk: PosInt | None = None
     init_seed: int | None = None
     lora: LoraSpec | None = None
     quantize: Literal["int8-experts"] | None = None
@@ -232,6 +240,10 @@ class DynamicSamplingSpec(_Section):
 
 
 class RolloutSpec(_Section):
+    """How rollouts are sampled; `mesh` ({axis: size}, None: the run's `mesh`): the generation engine's own layout
+    of the same devices (e.g. weights stationary over tensor × expert), the parameters resharded into it each
+    step."""
+
     num_prompts: PosInt = 16
     group_size: Annotated[int, _require(lambda g: g >= 2, "must be ≥ 2: a group of one has zero advantage")] = 8
     max_new_tokens: PosInt = 64
@@ -244,6 +256,7 @@ class RolloutSpec(_Section):
     prefill_chunk: PosInt = 4096
     overlong: OverlongSpec | None = None
     dynamic_sampling: DynamicSamplingSpec | None = None  # `true`: the default max_rounds
+    mesh: dict[Literal[MESH_AXES], PosInt] | None = None
 
     @property
     def dynamic_sampling_rounds(self) -> int:

@@ -27,7 +27,8 @@ class SFTTrainer(TrainLoop):
         super().__init__(cfg, **kw)
         self.data = SftExamples(cfg.sft.data, cfg.sft.seq_len, tokenizer=self.tokenizer, seed=cfg.seed,
                                 vocab_size=self.model.config.vocab_size)
-        self.loss_spec = LossSpec(kind="nll", aux_loss_coef=cfg.sft.router_aux_loss_coef)
+        self.loss_spec = LossSpec(kind="nll", aux_loss_coef=cfg.sft.router_aux_loss_coef,
+                                  seq_chunk=cfg.model.logprob_seq_chunk, vocab_chunk=cfg.model.logprob_vocab_chunk)
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg

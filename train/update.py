@@ -47,32 +47,56 @@ class LossSpec:
     max_log_ratio: float = 20.0
     aux_loss_coef: float = 0.0
     entropy_bonus: bool = False  # add −β·H (β a traced argument of `update_step`, so it may follow a schedule)
+    seq_chunk: int | None = None  # log-prob head in chunks of this many positions per row (None: all at once)
+    vocab_chunk: int | None = None  # … and of this many vocabulary columns (None: all)
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {self.kind!r}")
 
 
-def cast_params(params, param_dtypes: tuple[str, ...]):
-    """Master parameters cast leaf by leaf to the model's compute dtypes (same tree)."""
-    leaves, treedef = jax.tree.flatten(params)
+def cast_params(params, param_dtypes: tuple[str, ...], *, keep: str | None = None):
+    """Master parameters cast leaf by leaf to the model's compute dtypes (same tree); leaves whose compute dtype
+    is `keep`, except the LM head, are returned as stored (see `compute_model`)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     if len(leaves) != len(param_dtypes):
         raise ValueError(f"{len(param_dtypes)} dtypes for {len(leaves)} parameters")
-    return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(leaves, param_dtypes)])
+
+    def cast(path, x, d):
+        return x if d == keep and not _is_head(path) else x.astype(d)
+
+    return jax.tree.unflatten(treedef, [cast(p, x, d) for (p, x), d in zip(leaves, param_dtypes)])
 
 
-def compute_model(graphdef, params, param_dtypes, frozen=None):
+def _is_head(path) -> bool:
+    """The LM head: the one weight the model reads in fp32 (`lm_head_logits`), so its rounding to the compute
+    dtype must be done before, as in the rollout copy."""
+    return any(getattr(k, "key", getattr(k, "name", None)) == "lm_head" for k in path)
+
+
+def compute_model(graphdef, params, param_dtypes, frozen=None, *, cast_at_use: bool = False):
     """The model at `params` in its compute dtypes (works inside and outside jit). `frozen`: the rest of the
-    model's state when `params` is only its trainable part (LoRA adapters; `graphdef` from the 3-way split)."""
-    return nnx.merge(graphdef, cast_params(params, param_dtypes), *(() if frozen is None else (frozen,)))
+    model's state when `params` is only its trainable part (LoRA adapters; `graphdef` from the 3-way split).
+
+    cast_at_use (full fine-tuning, `frozen` None): leave the parameters whose compute dtype is the model's
+    activation dtype as fp32 masters: every module casts such a weight to that dtype where it reads it (inside
+    the layer scan, per layer), which gives the same forward values as casting first, without a second
+    full-size copy of the parameters (for use inside jit). LoRA adapters are always cast first.
+    """
+    rest = () if frozen is None else (frozen,)
+    keep = nnx.merge(graphdef, params).config.dtype if cast_at_use and frozen is None else None
+    return nnx.merge(graphdef, cast_params(params, param_dtypes, keep=keep), *rest)
 
 
 # ----------------------------------------------------------------------------------------------- forward
-@partial(jax.jit, static_argnames=("graphdef", "param_dtypes"))
-def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, *, graphdef, param_dtypes):
-    """(logp_BxL, entropy_BxL) of `sequence_logprobs` at `params`, no gradient (π_old, entropy, evaluation)."""
-    model = compute_model(graphdef, params, param_dtypes, frozen)
-    out = sequence_logprobs(model, tokens_BxL, valid_BxL=valid_BxL, with_entropy=True)
+@partial(jax.jit, static_argnames=("graphdef", "param_dtypes", "seq_chunk", "vocab_chunk"))
+def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, *, graphdef, param_dtypes, seq_chunk=None,
+                     vocab_chunk=None):
+    """(logp_BxL, entropy_BxL) of `sequence_logprobs` at `params`, no gradient (π_old, entropy, evaluation);
+    `seq_chunk`, `vocab_chunk`: the head's chunking (`train.logprobs.head_logprobs`)."""
+    model = compute_model(graphdef, params, param_dtypes, frozen, cast_at_use=True)
+    out = sequence_logprobs(model, tokens_BxL, valid_BxL=valid_BxL, with_entropy=True, seq_chunk=seq_chunk,
+                            vocab_chunk=vocab_chunk)
     return out.logp_BxL, out.entropy_BxL
 
 
@@ -85,9 +109,10 @@ def batch_loss(params, batch: dict, entropy_coef=0.0, frozen=None, *, graphdef, 
     stats: sums over the micro-batch (num_tokens, loss, and mean-stat × num_tokens) plus extrema, ready to be
     combined across micro-batches by `_combine`. `frozen`: see `compute_model` (no gradient flows into it).
     """
-    model = compute_model(graphdef, params, param_dtypes, frozen)
+    model = compute_model(graphdef, params, param_dtypes, frozen, cast_at_use=True)
     out = sequence_logprobs(model, batch["tokens_BxL"], valid_BxL=batch["valid_BxL"],
-                            with_entropy=spec.entropy_bonus, with_aux_loss=spec.aux_loss_coef > 0)
+                            with_entropy=spec.entropy_bonus, with_aux_loss=spec.aux_loss_coef > 0,
+                            seq_chunk=spec.seq_chunk, vocab_chunk=spec.vocab_chunk)
     mask_BxL = batch["mask_BxL"]
     if spec.kind == "nll":
         loss = aggregate_token_terms(-out.logp_BxL, mask_BxL, batch["denom_B"])
@@ -188,6 +213,33 @@ def update_step(params, opt_state, batch: dict, entropy_coef=0.0, frozen=None, *
     return params, opt_state, stats
 
 
+def optimizer_state_shardings(params, optimizer: OptimizerSpec, total_steps: int):
+    """(abstract AdamW state of `params` (arrays or `jax.ShapeDtypeStruct`s with shardings), its shardings): the
+    moments sharded like their parameters, every other leaf (step counts) replicated on the parameters' devices."""
+    tx = make_optimizer(optimizer, total_steps)
+    abstract = jax.eval_shape(tx.init, params)
+    first = jax.tree.leaves(params)[0].sharding
+    replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(first, jax.sharding.NamedSharding) else first)
+    param_tree = jax.tree.structure(params)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+
+    def like_params(node) -> bool:
+        return jax.tree.structure(node) == param_tree
+
+    shardings = jax.tree.map(lambda node: param_shardings if like_params(node) else replicated, abstract,
+                             is_leaf=like_params)
+    return abstract, shardings
+
+
 def init_optimizer_state(params, optimizer: OptimizerSpec, total_steps: int):
-    """AdamW state for `params` (moments shaped and sharded like the fp32 master parameters)."""
-    return make_optimizer(optimizer, total_steps).init(params)
+    """AdamW state for `params` (moments shaped and sharded like the fp32 master parameters), created directly in
+    that sharding (a jit with `out_shardings`: no moment passes through one device)."""
+    _, shardings = optimizer_state_shardings(params, optimizer, total_steps)
+    return jax.jit(make_optimizer(optimizer, total_steps).init, out_shardings=shardings)(params)
+
+
+def abstract_optimizer_state(params, optimizer: OptimizerSpec, total_steps: int):
+    """The AdamW state of `params` as `jax.ShapeDtypeStruct`s carrying their shardings (a restore target)."""
+    abstract, shardings = optimizer_state_shardings(params, optimizer, total_steps)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
