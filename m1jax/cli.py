@@ -236,7 +236,9 @@ def cmd_plan(args) -> int:
         req = PlanRequest(model=args.model, topology=args.topology, mode=args.mode, batch=args.batch,
                           context=args.context, mesh=parse_mesh(args.mesh), quantize=args.quantize,
                           layers=args.layers, chunk=args.chunk, lightning_impl=args.lightning_impl,
-                          moe_impl=args.moe_impl, scan=args.scan, remat=args.remat, compile=not args.no_compile)
+                          moe_impl=args.moe_impl, scan=args.scan, remat=args.remat,
+                          micro_batches=args.micro_batches, logprob_chunk=args.logprob_chunk,
+                          compile=not args.no_compile)
         if req.compile and topo.tpu_topology is not None:
             ensure_tpu_compiler(sys.argv[1:] if args.argv is None else args.argv)
         result = plan(req)
@@ -369,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", choices=["auto", "on", "off"], help="layers as one scan over groups (default: the "
                    "config's)")
     p.add_argument("--remat", help="rematerialisation policy per scanned group (train), e.g. full")
+    p.add_argument("--micro-batches", type=int, default=1, help="train: gradient accumulation steps per update")
+    p.add_argument("--logprob-chunk", type=int, help="train: positions per chunk of the fp32 head's log-probs")
     p.add_argument("--no-compile", action="store_true", help="shape arithmetic only (no libtpu needed)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan, argv=None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute",
          "collective-broadcast")
@@ -172,9 +172,121 @@ def _is_piece_of(dims: Sequence[int], full: Sequence[int]) -> bool:
                for perm in itertools.permutations(full))
 
 
-def all_gathers_of(hlo_text: str, shapes: Iterable[Sequence[int]]) -> list[Collective]:
-    """The all-gathers whose gathered result is one of `shapes` or a piece of one (see `_is_piece_of`): e.g.
-    the global shapes of the expert weight stacks, to find any all-gather of an expert weight."""
+def all_gathers_of(hlo_text: str, shapes: Iterable[Sequence[int]],
+                   parameter: Callable[[str], bool] | None = None) -> list[Collective]:
+    """The all-gathers of a given weight: those whose gathered result is one of `shapes` or a piece of one (see
+    `_is_piece_of`), e.g. the global shapes of the expert weight stacks.
+
+    parameter: a test on a jit parameter's name (the `op_name` XLA records for it, e.g.
+    `params['layers'][3]['block_sparse_moe']['w1'].value`). Given, a gather whose operand traces back to named
+    parameters (`gathered_parameters`) counts only if one of them passes the test, whatever its shape: a shard
+    of an attention projection can have the shape of a piece of an expert stack. Gathers that do not trace back
+    are judged by shape alone.
+    """
     shapes = [tuple(s) for s in shapes]
-    return [c for c in collectives(hlo_text) if c.kind == "all-gather"
-            and any(_is_piece_of(dims, s) for _, dims in c.results for s in shapes)]
+    graph = _Graph(hlo_text) if parameter is not None else None
+    out = []
+    for c in collectives(hlo_text):
+        if c.kind != "all-gather" or not any(_is_piece_of(dims, s) for _, dims in c.results for s in shapes):
+            continue
+        names = graph.gathered_parameters(c.name) if graph is not None else None
+        if names is None or any(parameter(n) for n in names):
+            out.append(c)
+    return out
+
+
+# ------------------------------------------------------------------------------- operands back to parameters
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
+_OP_NAME = re.compile(r'op_name="(?P<name>[^"]*)"')
+_INDEX = re.compile(r"\bindex=(?P<k>\d+)")
+# ops whose result is (a piece, copy or re-layout of) their first operand
+_FORWARDING = {"bitcast", "copy", "copy-start", "copy-done", "convert", "reshape", "transpose", "slice",
+               "dynamic-slice", "all-gather", "all-gather-start", "all-gather-done", "optimization-barrier"}
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at `text[start]`."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+class _Graph:
+    """Instructions of an HLO module by computation: op, operand names, tuple index, parameter names, and the
+    while loops that call each body."""
+
+    def __init__(self, hlo_text: str):
+        self.instr: dict[tuple[str, str], tuple[str, list[str], str]] = {}
+        self.computation_of: dict[str, str] = {}
+        self.callers: dict[str, list[tuple[str, str]]] = {}  # body → [(caller computation, while instruction)]
+        for comp, body in _computations(hlo_text):
+            for line in body:
+                m = _DEF.match(line)
+                if m is None:
+                    continue
+                rest = m["rest"]
+                end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+                after = rest[end:].lstrip()
+                paren = after.find("(")
+                if end < 0 or paren < 0:
+                    continue
+                op = after[:paren]
+                operands = re.findall(r"%([\w.\-]+)", after[paren:_balanced(after, paren)])
+                self.instr[(comp, m["name"])] = (op, operands, line)
+                self.computation_of.setdefault(m["name"], comp)
+                if op == "while":
+                    callee = re.search(r"\bbody=%?([\w.\-]+)", line)
+                    if callee:
+                        self.callers.setdefault(callee[1], []).append((comp, m["name"]))
+
+    def gathered_parameters(self, name: str) -> set[str] | None:
+        """Names of the parameters the operand of instruction `name` is made from (through re-layouts, slices,
+        fusions, tuples and the state of while loops), or None when a path ends somewhere unnamed."""
+        comp = self.computation_of.get(name)
+        if comp is None:
+            return None
+        _, operands, _ = self.instr[(comp, name)]
+        names: set[str] = set()
+        unresolved = [False]
+        seen: set = set()
+
+        def chase(comp: str, inst: str, index: int | None, depth: int) -> None:
+            if (comp, inst, index) in seen or depth > 200:
+                return
+            seen.add((comp, inst, index))
+            entry = self.instr.get((comp, inst))
+            if entry is None:
+                unresolved[0] = True
+                return
+            op, ops, line = entry
+            if op == "parameter":
+                if index is None:
+                    m = _OP_NAME.search(line)
+                    if m is not None:
+                        names.add(m["name"])
+                        return
+                for caller, loop in self.callers.get(comp, []):  # a while body's state: the loop's operand
+                    chase(caller, self.instr[(caller, loop)][1][0], index, depth + 1)
+                if not self.callers.get(comp):
+                    unresolved[0] = True
+                return
+            if op == "get-tuple-element":
+                m = _INDEX.search(line)
+                chase(comp, ops[0], int(m["k"]) if m else None, depth + 1)
+            elif op == "tuple" and index is not None and index < len(ops):
+                chase(comp, ops[index], None, depth + 1)
+            elif op in _FORWARDING and ops:
+                chase(comp, ops[0], index, depth + 1)
+            elif op == "fusion":
+                for o in ops:
+                    chase(comp, o, None, depth + 1)
+            # any other op computes a new value: not a parameter's
+
+        for o in operands[:1]:
+            chase(comp, o, None, 0)
+        if unresolved[0] and not names:
+            return None
+        return names

@@ -16,8 +16,11 @@ and cache are `jax.ShapeDtypeStruct`s carrying their `NamedSharding`, the step i
 
 Steps: `decode` = one iteration of the engine's decode loop (`generation._decode_loop`) with a cache of
 `context` slots; `prefill` = the engine's prefill step (`generation.forward_chunk`) over `context` tokens into
-an empty cache of `context` slots; `train` = loss and gradient of next-token cross-entropy over `context`
-tokens (weights and gradients in the model dtype, no optimizer state).
+an empty cache of `context` slots; `train` = one full fine-tuning step, the trainer's own
+`train.update.update_step`: the CISPO loss over `batch` sequences of `context` tokens (bf16 compute, fp32 head,
+log-probs in chunks of `logprob_chunk` positions), its gradient (accumulated over `micro_batches`) and the AdamW
+update of the fp32 master weights (weights = the master copy, plus the optimizer's two fp32 moments per weight;
+the compute dtype is cast where each layer reads its weights, so no bf16 copy is held).
 
 GPU hosts (and `--no-compile`) get the same report from arithmetic on the shapes alone (marked as estimates).
 Without `--mesh`, candidate meshes are ranked by that arithmetic (fits, then smallest estimated step time)
@@ -31,6 +34,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,6 +66,8 @@ class PlanRequest:
     moe_impl: str = "auto"
     scan: str | None = None  # "auto" | "on" | "off": layers as one scan over groups (config.scan_layers)
     remat: str | None = None  # per scanned group (config.remat), e.g. "full" for long training contexts
+    micro_batches: int = 1  # train: gradient accumulation steps per update (rows per micro-batch = batch / this)
+    logprob_chunk: int | None = None  # train: positions per chunk of the fp32 head's log-probs (None: all)
     compile: bool = True
 
 
@@ -87,13 +93,14 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 
 
 def model_config(req: PlanRequest):
-    """The request's `ModelConfig` in bf16 (weights and compute), with `--layers`, `--quantize` and the impls."""
+    """The request's `ModelConfig` in bf16 (weights and compute; train: fp32 master weights), with `--layers`,
+    `--quantize` and the impls."""
     import dataclasses as dc
 
     from m1jax.config import ModelConfig
 
-    runtime = {"dtype": "bfloat16", "param_dtype": "bfloat16", "lightning_impl": req.lightning_impl,
-               "moe_impl": req.moe_impl}
+    runtime = {"dtype": "bfloat16", "param_dtype": "float32" if req.mode == "train" else "bfloat16",
+               "lightning_impl": req.lightning_impl, "moe_impl": req.moe_impl}
     path = Path(req.model)
     config = ModelConfig.from_json_file(path, **runtime) if path.suffix == ".json" or path.is_file() else \
         ModelConfig.from_preset(req.model, **runtime)
@@ -179,6 +186,7 @@ class Estimate:
     experts: int
     cache: int
     grads: int
+    optimizer: int
     activations: int
     flops: float
     hbm_bytes: float
@@ -186,11 +194,11 @@ class Estimate:
     collective_bytes: float
 
     def peak(self) -> int:
-        return self.weights + self.grads + self.cache + self.activations
+        return self.weights + self.grads + self.optimizer + self.cache + self.activations
 
 
 def estimate(config, topo: Topology, mode: str, batch: int, context: int, mesh_shape: dict[str, int],
-             chunk: int | None = None) -> Estimate:
+             chunk: int | None = None, micro_batches: int = 1) -> Estimate:
     """Per-chip arithmetic for one step (see module doc); the activation figure is a rough bound."""
     chips = topo.num_chips
     mem = per_chip_bytes(config, mode, batch, context, mesh_shape)
@@ -224,12 +232,15 @@ def estimate(config, topo: Topology, mode: str, batch: int, context: int, mesh_s
     # tensors of every layer's width D for the backward pass)
     width = max(3 * h * hd / tensor, 2 * k * config.intermediate_size / tensor, d)
     activations = int(local_tokens * (d * 2 + width * 4))
-    grads = 0
-    if mode == "train":
-        activations += int(local_tokens * d * 2 * layers * 4)
-        grads = mem["weights"]
-    return Estimate(dict(mesh_shape), mem["weights"], mem["experts"], mem["cache"], grads, activations, flops, hbm,
-                    floor, coll)
+    grads = optimizer = 0
+    if mode == "train":  # fp32 master weights, gradients and two AdamW moments; one micro-batch's activations
+        micro_tokens = local_tokens / micro_batches
+        activations = int(micro_tokens * (d * 2 + width * 4))
+        saved = config.scan_groups or layers if config.remat != "none" else layers * 4  # D-wide tensors kept
+        activations += int(micro_tokens * d * 2 * saved)
+        grads, optimizer = mem["weights"], 2 * mem["weights"]
+    return Estimate(dict(mesh_shape), mem["weights"], mem["experts"], mem["cache"], grads, optimizer, activations,
+                    flops, hbm, floor, coll)
 
 
 def step_time(topo: Topology, flops: float, hbm_bytes: float, collective_bytes: float) -> float:
@@ -287,7 +298,8 @@ def _abstract(shape, dtype, axes, mesh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(axes, shape, mesh))
 
 
-def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | None = None):
+def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | None = None, micro_batches: int = 1,
+               logprob_chunk: int | None = None):
     """The jitted step of `mode` lowered for `mesh` with abstract, sharded arguments (nothing allocated)."""
     import jax
     import jax.numpy as jnp
@@ -313,24 +325,34 @@ def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | N
         toks = _abstract((batch, c), i32, ("batch", None), mesh)
         return generation._forward_chunk.lower(graphdef, params, abstract_cache(config, batch, context, mesh=mesh),
                                                toks, toks, _abstract((batch, c), jnp.bool_, ("batch", None), mesh))
-    tokens = _abstract((batch, context + 1), i32, ("batch", None), mesh)
-    return jax.jit(partial_train_step(graphdef)).lower(params, tokens)
+    return lower_update_step(config, graphdef, params, batch, context, mesh, micro_batches, logprob_chunk)
 
 
-def partial_train_step(graphdef):
-    """(params, tokens `[B, L+1]`) → (mean next-token cross-entropy, gradients w.r.t. params)."""
-    import jax
+def lower_update_step(config, graphdef, params, batch: int, context: int, mesh, micro_batches: int = 1,
+                      logprob_chunk: int | None = None):
+    """The trainer's `update_step` (CISPO loss, AdamW on fp32 masters; see the module doc) lowered for abstract
+    sharded masters, optimizer state and a `[batch, context]` rollout batch with rows split over the batch axes."""
     import jax.numpy as jnp
-    from flax import nnx
 
-    def loss(params, tokens):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1]).logits
-        targets = tokens[:, 1:]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.mean(lse - picked)
+    from train.model_setup import compute_dtypes
+    from train.run_config import OptimizerSpec
+    from train.update import LossSpec, abstract_optimizer_state, update_step
 
-    return jax.value_and_grad(loss)
+    if batch % micro_batches:
+        raise PlanError(f"--micro-batches {micro_batches} must divide --batch {batch}")
+    optimizer = OptimizerSpec()
+    opt_state = abstract_optimizer_state(params, optimizer, 0)
+    rows = ("batch", None)
+    data = {"tokens_BxL": _abstract((batch, context), jnp.int32, rows, mesh),
+            "valid_BxL": _abstract((batch, context), jnp.bool_, rows, mesh),
+            "mask_BxL": _abstract((batch, context), jnp.float32, rows, mesh),
+            "old_logp_BxL": _abstract((batch, context), jnp.float32, rows, mesh),
+            "adv_B": _abstract((batch,), jnp.float32, ("batch",), mesh),
+            "denom_B": _abstract((batch,), jnp.float32, ("batch",), mesh)}
+    compute = config.replace(param_dtype="bfloat16")
+    return update_step.lower(params, opt_state, data, 0.0, graphdef=graphdef, param_dtypes=compute_dtypes(compute),
+                             spec=LossSpec("cispo", seq_chunk=logprob_chunk), optimizer=optimizer, total_steps=0,
+                             micro_batches=micro_batches)
 
 
 def _expert_shapes(config) -> list[tuple[int, ...]]:
@@ -338,8 +360,17 @@ def _expert_shapes(config) -> list[tuple[int, ...]]:
     return [(e, d, f), (e, f, d)]
 
 
+def is_expert_weight(parameter_name: str) -> bool:
+    """Whether a jit parameter's name (as XLA records it, e.g. `params['layers'][3]['block_sparse_moe']['w1']
+    .value`, quotes possibly escaped) is a routed expert's weight stack."""
+    from m1jax.modules.moe import EXPERT_WEIGHTS
+
+    keys = re.findall(r"\[\\?'([^'\\]+)\\?'\]", parameter_name)
+    return "block_sparse_moe" in keys and any(k in EXPERT_WEIGHTS for k in keys)
+
+
 def compile_step(config, topo: Topology, mode: str, batch: int, context: int, mesh_shape: dict[str, int],
-                 chunk: int | None = None) -> dict:
+                 chunk: int | None = None, micro_batches: int = 1, logprob_chunk: int | None = None) -> dict:
     """Compile the step deviceless for `topo`; memory, cost and collectives of the compiled program."""
     import jax
 
@@ -352,7 +383,7 @@ def compile_step(config, topo: Topology, mode: str, batch: int, context: int, me
     t0 = time.perf_counter()
     with reporting_backend(topo.chip.platform), jax.set_mesh(mesh):
         try:
-            compiled = lower_step(config, mode, batch, context, mesh, chunk).compile()
+            compiled = lower_step(config, mode, batch, context, mesh, chunk, micro_batches, logprob_chunk).compile()
         except Exception as e:  # the TPU compiler refuses what does not fit HBM (RESOURCE_EXHAUSTED)
             if "RESOURCE_EXHAUSTED" not in str(e) and "hbm" not in str(e).lower():
                 raise
@@ -367,7 +398,8 @@ def compile_step(config, topo: Topology, mode: str, batch: int, context: int, me
     # an all-gather of an expert weight yields at least one chip's shard of it: smaller results of a matching
     # shape (routing tables, a few tokens) are not weights
     shard = config.num_local_experts * config.hidden_size * config.intermediate_size / topo.num_chips
-    gathers = [g for g in hlo_collectives.all_gathers_of(hlo, _expert_shapes(config)) if g.bytes >= shard]
+    gathers = [g for g in hlo_collectives.all_gathers_of(hlo, _expert_shapes(config), parameter=is_expert_weight)
+               if g.bytes >= shard]
     return {
         "compiled": True, "compile_s": compile_s,
         "argument_bytes": ma.argument_size_in_bytes, "output_bytes": ma.output_size_in_bytes,
@@ -390,6 +422,10 @@ def plan(req: PlanRequest) -> dict:
         raise PlanError(f"--mode must be one of {', '.join(MODES)}, got {req.mode!r}")
     if req.batch < 1 or req.context < 1:
         raise PlanError(f"--batch and --context must be positive, got {req.batch} and {req.context}")
+    if req.micro_batches < 1 or req.batch % req.micro_batches:
+        raise PlanError(f"--micro-batches must be a positive divisor of --batch {req.batch}, got {req.micro_batches}")
+    if req.logprob_chunk is not None and req.logprob_chunk < 1:
+        raise PlanError(f"--logprob-chunk must be positive, got {req.logprob_chunk}")
     topo = parse_topology(req.topology)
     config = model_config(req)
     suggested, ranked = None, []
@@ -401,7 +437,7 @@ def plan(req: PlanRequest) -> dict:
         if math.prod(mesh_shape.values()) != topo.num_chips:
             raise PlanError(f"--mesh {mesh_shape} has {math.prod(mesh_shape.values())} chips; {topo.name} has "
                             f"{topo.num_chips}")
-    est = estimate(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk)
+    est = estimate(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk, req.micro_batches)
     hbm = topo.chip.hbm_bytes
     out = {
         "model": req.model, "topology": topo.name, "chip": topo.chip.name, "chips": topo.num_chips,
@@ -410,12 +446,15 @@ def plan(req: PlanRequest) -> dict:
         "hbm_gb": hbm / GB,
         "weights_gb_per_chip": est.weights / GB, "expert_weights_gb_per_chip": est.experts / GB,
         "cache_gb_per_chip": est.cache / GB,
+        "optimizer_state_gb_per_chip": est.optimizer / GB if req.mode == "train" else None,
+        "remat": config.remat, "micro_batches": req.micro_batches if req.mode == "train" else None,
         "hbm_floor_ms": est.floor_bytes / topo.chip.hbm_bw * 1e3,
         "compiled": False, "compile_s": None, "estimate": True,
     }
     result = None
     if req.compile and topo.tpu_topology is not None:
-        result = compile_step(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk)
+        result = compile_step(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk,
+                              req.micro_batches, req.logprob_chunk)
     if result is not None and result["compiled"]:
         coll = result["collectives"]
         # the compiler's cost analysis counts a loop body once (scanned layers): never below the arithmetic
@@ -467,6 +506,13 @@ def format_plan(p: dict) -> str:
         lines.append(f"compile time            {p['compile_s']:.1f} s")
     lines += [f"weights per chip        {gb(p['weights_gb_per_chip'])} (experts {gb(p['expert_weights_gb_per_chip'])})",
               f"cache per chip          {gb(p['cache_gb_per_chip'])}"]
+    if p["mode"] == "train":
+        lines[-2] = (f"master weights per chip {gb(p['weights_gb_per_chip'])} fp32 (experts "
+                     f"{gb(p['expert_weights_gb_per_chip'])})")
+        lines += [f"optimizer state         {gb(p['optimizer_state_gb_per_chip'])} (AdamW moments, fp32)",
+                  f"remat                   {p['remat']} · {p['micro_batches']} micro-batch(es) · gradients and "
+                  f"activations in the temporaries" if p["compiled"] else
+                  f"remat                   {p['remat']} · {p['micro_batches']} micro-batch(es)"]
     if p["compiled"]:
         lines += [f"temporaries per chip    {gb(p['temp_gb_per_chip'])}", f"program code            {gb(p['code_gb'])}"]
     lines.append(f"peak per chip           {gb(p['peak_gb_per_chip'])} of {p['hbm_gb']:.0f} GB: "

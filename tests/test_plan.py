@@ -147,3 +147,54 @@ def test_collectives_in_a_static_loop_count_per_iteration():
         bare = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", hlo)
         assert [c.count for c in hlo_collectives.collectives(bare) if c.kind == "all-reduce"] == \
             [c.count for c in reduces]
+
+
+def test_expert_weight_gathers_are_told_apart_by_their_parameter():
+    """An attention weight whose gathered shard has the shape of a piece of an expert stack (here [4, 8, 8] of
+    [4, 8, 16]) is an expert-weight gather by shape alone, but not once its operand is traced to its parameter."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from m1jax import hlo_collectives
+    from m1jax.plan import is_expert_weight
+    from m1jax.sharding import make_mesh
+
+    mesh = make_mesh({"fsdp": 8})
+    params = {"block_sparse_moe": {"w1": jnp.ones((4, 8, 16))}, "self_attn": {"qkv_proj": jnp.ones((4, 8, 8))}}
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec(None, "fsdp")))
+
+    def f(params, x):
+        whole = NamedSharding(mesh, PartitionSpec())
+        return sum(jnp.sum(x @ jax.lax.with_sharding_constraint(w, whole)[0]) for w in jax.tree.leaves(params))
+
+    text = jax.jit(f).lower(params, jnp.ones((3, 8))).compile().as_text()
+    shapes = [(4, 8, 16)]
+    assert sorted(c.results[0][1] for c in hlo_collectives.all_gathers_of(text, shapes)) == [(4, 8, 8), (4, 8, 16)]
+    assert [c.results[0][1] for c in hlo_collectives.all_gathers_of(text, shapes, parameter=is_expert_weight)] == [
+        (4, 8, 16)]
+    assert is_expert_weight("params[\\'stacked_layers\\'][0][\\'block_sparse_moe\\'][\\'w2\\'].value")
+    assert not is_expert_weight("params['layers'][0]['block_sparse_moe']['gate'].value")
+
+
+def test_train_plan_counts_fp32_masters_and_adamw_moments(capsys):
+    """`--mode train` plans full fine-tuning: fp32 master weights (twice the bf16 inference weights, the router
+    gates fp32 in both), two fp32 AdamW moments per weight; remat and micro-batches shrink the activation figure;
+    bad values are one line."""
+    common = ["plan", "--topology", "v5p-8", "--model", "tiny", "--mesh", "fsdp=2,expert=2", "--batch", "8",
+              "--context", "256", "--no-compile", "--json"]
+    assert main(common + ["--mode", "decode"]) == 0
+    decode = json.loads(capsys.readouterr().out)
+    plans = {}
+    for name, extra in (("plain", []), ("remat", ["--remat", "full", "--scan", "on"]),
+                        ("micro", ["--micro-batches", "4"])):
+        assert main(common + ["--mode", "train", *extra]) == 0
+        plans[name] = json.loads(capsys.readouterr().out)
+    p = plans["plain"]
+    assert 1.9 * decode["weights_gb_per_chip"] < p["weights_gb_per_chip"] < 2 * decode["weights_gb_per_chip"]
+    assert p["optimizer_state_gb_per_chip"] == pytest.approx(2 * p["weights_gb_per_chip"])
+    assert plans["remat"]["remat"] == "full"
+    assert plans["remat"]["peak_gb_per_chip"] < p["peak_gb_per_chip"]
+    assert plans["micro"]["peak_gb_per_chip"] < p["peak_gb_per_chip"] and plans["micro"]["micro_batches"] == 4
+    assert main(common + ["--mode", "train", "--micro-batches", "3"]) == 2
+    assert "--micro-batches" in capsys.readouterr().err
