@@ -443,19 +443,22 @@ class Engine:
                                                      jnp.asarray(min(burst, max_new - step), jnp.int32))
             outs = {k: to_host(v) for k, v in outs.items()}  # waits for the burst
             new_prog = jax.tree.map(lambda x: np.array(to_host(x)), new_prog)
-            n_new = new_prog.n_gen_B - prog.n_gen_B
-            for j in range(int(n_new.max(initial=0))):
-                active = n_new > j
-                for i in np.nonzero(active)[0]:
-                    for k in out:
-                        out[k][i].append(outs[k][i, j].item())
-                    texts[i].push(int(outs["tokens"][i, j]))
-                    if texts[i].cut is not None:  # a stop string: the row ends at this token
-                        n_new[i] = j + 1
-                        new_prog.finished_B[i], new_prog.reason_B[i] = True, _STOP_STRING
-                if callback is not None:
-                    callback(step + j, outs["tokens"][:, j], active)
-            step, prog = step + int(n_new.max(initial=0)), new_prog
+            ran = new_prog.n_gen_B - prog.n_gen_B  # tokens each row produced in this burst
+            n_new = ran.copy()
+            for i in np.nonzero(ran)[0]:
+                if texts[i].stop_strings:  # text only where a stop string is watched for
+                    for j in range(ran[i]):
+                        texts[i].push(int(outs["tokens"][i, j]))
+                        if texts[i].cut is not None:  # a stop string: the row ends at this token
+                            n_new[i] = j + 1
+                            new_prog.finished_B[i], new_prog.reason_B[i] = True, _STOP_STRING
+                            break
+                for k in out:
+                    out[k][i] += outs[k][i, :n_new[i]].tolist()
+            if callback is not None:
+                for j in range(int(n_new.max(initial=0))):
+                    callback(step + j, outs["tokens"][:, j], n_new > j)
+            step, prog = step + int(ran.max(initial=0)), new_prog
         results = []
         for i in range(b):
             r = GenerationResult(tokens=out["tokens"][i], logprobs=out["logprobs"][i],
