@@ -41,6 +41,7 @@ from m1jax.cache import Cache, cache_shardings, init_cache
 from m1jax.config import ModelConfig
 from m1jax.loading import param_shardings
 from m1jax.modules.moe import choose_impl, expert_weight_bytes, unstack_experts
+from m1jax.modules.unfused import XLA_CPU_COMPILER_OPTIONS
 from m1jax.sampling import SamplingParams, sample_tokens, step_keys
 
 FINISH_REASONS = ("running", "stop", "length", "repetition", "stop_string", "cancelled")
@@ -140,7 +141,8 @@ def forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC)
     return out.cache, out.logits[:, 0]
 
 
-_forward_chunk = jax.jit(forward_chunk, static_argnums=(0,), donate_argnums=(2,))
+_forward_chunk = jax.jit(forward_chunk, static_argnums=(0,), donate_argnums=(2,),
+                         compiler_options=XLA_CPU_COMPILER_OPTIONS)
 
 
 def decode_step(graphdef, params, sp: dict, n_top: int, state: EngineState, prog: RowProgress):
@@ -201,7 +203,7 @@ def decode_step(graphdef, params, sp: dict, n_top: int, state: EngineState, prog
     return tok, lp, slp, top_id, top_lp, active, state, prog
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,), compiler_options=XLA_CPU_COMPILER_OPTIONS)
 def _decode_loop(graphdef, n_top: int, params, state: EngineState, prog: RowProgress, sp: dict, max_steps):
     """`decode_step` repeated until every row finished or `max_steps` steps ran (one decode burst).
 

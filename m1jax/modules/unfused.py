@@ -7,6 +7,14 @@ LM head 8.9 → 4.2 ms, MoE gather 8 layers −2.4 ms). An optimization barrier 
 stops that fusion. XLA:CPU also runs a single-row product x·W on one thread; split along the contraction into a
 batch of two half-products it runs faster on the 2-core VM (bench-small batch-1 engine step 15.8 → 12.3 ms,
 `benchmarks/RESULTS.md`). On GPU/TPU none of this applies: the barrier is the identity and `linear` one dot.
+
+`XLA_CPU_COMPILER_OPTIONS` are the compiler options of the engine's jitted prefill and decode programs:
+XLA:CPU (jax 0.10) hands every dot with more than one row to a YNNPACK fusion, which runs the MoE's expert
+tiles (tens to hundreds of rows) several times slower than the Eigen GEMMs XLA:CPU calls with that fusion
+off (measurements in `benchmarks/RESULTS.md`). The options name an XLA:CPU debug option only, which the
+other backends' compilers ignore. Jit a model call yourself with
+`jax.jit(f, compiler_options=XLA_CPU_COMPILER_OPTIONS)` to get the same, or set
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` before JAX starts.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+XLA_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK dot fusion: Eigen GEMMs
 SPLIT_ROWS_MAX = 2  # products with at most this many rows are split along K on CPU
 K_SPLIT = 2
 
