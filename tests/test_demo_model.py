@@ -55,3 +55,43 @@ def test_export_of_a_training_run_loads_with_the_same_logits(tmp_path):
     tokens = jnp.asarray([[508, 40, 41, 42, 509, 7]])
     np.testing.assert_array_equal(np.asarray(exported(tokens).logits), np.asarray(trained(tokens).logits))
     assert Tokenizer.from_pretrained(hf).chat_template == demo.M1_FORMAT_TEMPLATE
+
+
+# ----------------------------------------------------------------------------------------------- the shipped model
+def test_shipped_demo_model_is_a_valid_hf_checkpoint():
+    """m1jax/demo_model: the HF original layout (config.json, safetensors + index, tokenizer files) of a small
+    MiniMax-architecture model with lightning and softmax layers and a routed MoE, whose tokenizer matches it."""
+    from convert.hf_layout import ORIGINAL, expected_tensors
+    from convert.safetensors_io import SafetensorsFile
+    from m1jax.config import ModelConfig
+    from m1jax.tokenizer import Tokenizer
+
+    directory = demo.demo_model_dir()
+    assert directory is not None, f"the trained demo model is missing from {demo.DEMO_MODEL_DIR}"
+    config = ModelConfig.from_json_file(directory / "config.json")
+    assert {"linear_attention", "full_attention"} <= set(config.layer_types)
+    assert config.num_local_experts > config.num_experts_per_tok >= 1
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    expected = expected_tensors(config, ORIGINAL)
+    assert set(index["weight_map"]) == set(expected)
+    shapes = {}
+    for name in sorted(set(index["weight_map"].values())):
+        f = SafetensorsFile(directory / name)
+        shapes.update({n: tuple(info.shape) for n, info in f.infos.items()})
+    assert shapes == {n: tuple(s) for n, s in expected.items()}
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    assert size < 10 * 2**20, f"the demo model should be a few MB, it is {size / 2**20:.1f} MiB"
+    tok = Tokenizer.from_pretrained(directory)
+    assert tok.vocab_size == config.vocab_size and tok.eos_token_id == config.eos_token_id
+    assert tok.chat_template == demo.M1_FORMAT_TEMPLATE
+
+
+def test_shipped_demo_model_answers_held_out_questions():
+    """The default model answers held-out questions (never trained on) greedily in M1's format, mostly right."""
+    from train.tasks import arithmetic
+
+    model, tok = demo.load_default_model()
+    rows = arithmetic.held_out_rows(tok, 9, seed=1)
+    result = arithmetic.evaluate(model, tok, rows)
+    assert result["format_rate"] == 1.0, result["replies"]
+    assert result["accuracy"] >= 6 / 9, list(zip([r["question"] for r in rows], result["replies"]))

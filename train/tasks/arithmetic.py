@@ -209,17 +209,20 @@ def score_reply(text: str, expected: int) -> dict[str, bool]:
             "format": think_format_reward("", text) == 1.0}
 
 
-def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 160, batch_size: int = 100) -> dict:
-    """Greedy replies to `rows` ({"prompt", "answer", "op"}, e.g. `held_out_rows`) and their scores:
-    {"accuracy", "format_rate", "accuracy_<op>" per op present, "replies": the texts}."""
+def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 160, batch_size: int = 100,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+    """Replies to `rows` ({"prompt", "answer", "op"}, e.g. `held_out_rows`) and their scores:
+    {"accuracy", "format_rate", "accuracy_<op>" per op present, "replies": the texts}. Greedy by default; with
+    `temperature` > 0, row i samples with seed `seed + i`."""
     from m1jax.generation import Engine
     from m1jax.sampling import SamplingParams
 
     engine = Engine(model, tokenizer)
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     replies = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
+        sampling = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed + i + j,
+                                   max_new_tokens=max_new_tokens) for j in range(len(chunk))]
         results = engine.generate([tokenizer.encode(r["prompt"]) for r in chunk], sampling)
         replies += [tokenizer.decode(res.tokens, skip_special_tokens=True) for res in results]
     scores = [score_reply(text, row["answer"]) for text, row in zip(replies, rows)]
