@@ -2,9 +2,9 @@
 
 `load_default_model()` is the model `m1jax generate` (and any other entry point given no model) uses: the demo
 model in `m1jax/demo_model/` (HF original layout: config.json, safetensors, tokenizer files; 4.9 MB). It is a
-4-layer lightning + softmax model with a 4-expert top-2 MoE, trained from scratch by this project's SFT trainer
-(`m1jax train sft --config configs/train/demo_sft.yaml`; the CISPO stage, demo_cispo.yaml, did not improve it yet,
-see benchmarks/RESULTS.md) to answer two-digit addition, subtraction and multiplication asked in English, in M1's
+4-layer lightning + softmax model with a 4-expert top-2 MoE, trained from scratch by this project's trainers
+(`m1jax train sft`, then `m1jax train cispo`; recipe in configs/train/demo_sft.yaml and demo_cispo.yaml, accuracy
+in benchmarks/RESULTS.md) to answer two-digit addition, subtraction and multiplication asked in English, in M1's
 format: a worked scratchpad in `<think>…</think>`, then the answer (train/tasks/arithmetic.py). Its tokenizer is
 a byte-level BPE in M1's format (special tokens, chat template) whose digits are single tokens.
 
