@@ -141,11 +141,12 @@ def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tup
     slopes = group_slopes(config)
 
     def group(h, xs):
-        layer_states, layer_caches, layer_slopes_ = xs
+        layer_states, layer_caches, layer_slopes_, g = xs
+        group_ctx = {**ctx, "layer_offset": g * config.layer_period}  # layer i = g·P + p
         new_caches, stats, hidden = [], [], []
         for p, graphdef in enumerate(graphdefs):
             layer = nnx.merge(graphdef, layer_states[p])
-            h, c, s = layer(h, ctx=ctx, layer_cache=None if layer_caches is None else layer_caches[p],
+            h, c, s = layer(h, ctx=group_ctx, layer_cache=None if layer_caches is None else layer_caches[p],
                             slope_H=layer_slopes_[p])
             h = constrain(h, hidden_axes)
             new_caches.append(c)
@@ -154,4 +155,5 @@ def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tup
         return h, (tuple(new_caches), tuple(stats), tuple(hidden) if collect_hidden else None)
 
     body = remat(group, config.remat, prevent_cse=False)
-    return jax.lax.scan(body, h_BxLxD, (tuple(states), caches, slopes))
+    groups = jax.numpy.arange(config.scan_groups, dtype=jax.numpy.int32)
+    return jax.lax.scan(body, h_BxLxD, (tuple(states), caches, slopes, groups))

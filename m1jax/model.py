@@ -44,6 +44,13 @@ class ModelOutput:
     routing: tuple | None = None
     layer_hidden: tuple | None = None
 
+    def routed_experts(self) -> jax.Array:
+        """The routed experts of every token in every layer, `[B, L, layers, k]` int32 (`NO_EXPERT` = dropped),
+        from a call with `return_routing="experts"` — the replay input of `MiniMaxM1.__call__`."""
+        if self.routing is None or "routed_experts" not in self.routing[0]:
+            raise ValueError('routed experts were not recorded: call the model with return_routing="experts"')
+        return jnp.stack([stats["routed_experts"] for stats in self.routing], axis=2)
+
 
 class MiniMaxM1(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -60,8 +67,8 @@ class MiniMaxM1(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
                  valid_BxL: jax.Array | None = None, cache: Cache | None = None, logits: str = "all",
-                 return_routing: bool = False, return_hidden: bool = False, moe_impl: str | None = None
-                 ) -> ModelOutput:
+                 return_routing: bool | str = False, return_hidden: bool = False, moe_impl: str | None = None,
+                 expert_threshold: jax.Array | None = None, routed_experts=None) -> ModelOutput:
         """Forward pass over int32 token ids `[B, L]`.
 
         positions_BxL: RoPE positions (default: 0..L−1, or continuing the cache).
@@ -69,6 +76,17 @@ class MiniMaxM1(nnx.Module):
         cache: if given, the tokens are appended at slots `cache.length ...` and the updated cache returned.
         logits: "all" | "last" (only position L−1) | "none".
         return_hidden: also return every layer's output (`ModelOutput.layer_hidden`, for `m1jax.verify`).
+        return_routing: True → `ModelOutput.routing`, per layer the routing log of `moe.routing_stats` (tokens per
+            expert, experts_used_frac, expert FLOPs and FLOPs saved, ...); "experts" also keeps each token's
+            routed experts (`routed_experts` `[B, L, k]` per layer; `ModelOutput.routed_experts()` stacks them).
+        expert_threshold: `[B]` fp32 per row, None = exact top-k. Each token keeps the smallest prefix of its
+            top-k experts (descending renormalised routing weight) whose weights sum to ≥ the threshold, and the
+            kept weights are renormalised to sum to 1; 1.0 keeps all k (bit-identical to None). Values must lie
+            in (0, 1] (callers validate: the values are traced here).
+        routed_experts: routing replay — `[B, L, layers, k]` int32 (or a sequence of per-layer `[B, L, k]`)
+            expert ids used instead of each layer's own top-k, `NO_EXPERT` (−1) for a dropped choice; the
+            weights are this router's probabilities of the given experts, renormalised over them. Not together
+            with `expert_threshold` (the replayed routing already holds its drops).
         """
         c = self.config
         if tokens_BxL.ndim != 2:
@@ -77,9 +95,12 @@ class MiniMaxM1(nnx.Module):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens_BxL.dtype}")
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        if return_routing not in (False, True, "experts"):
+            raise ValueError(f'return_routing must be False, True or "experts", got {return_routing!r}')
         b, l = tokens_BxL.shape
         dt = DTYPE[c.dtype]
         ctx: dict[str, Any] = {"valid_BxL": valid_BxL, "moe_impl": moe_impl}
+        ctx.update(_routing_inputs(c, b, l, expert_threshold, routed_experts))
         if valid_BxL is None:
             valid_BxL = jnp.ones((b, l), bool)
         if cache is not None:
@@ -126,6 +147,8 @@ class MiniMaxM1(nnx.Module):
         if cache is not None:
             new_cache = cache.replace(layers=tuple(new_layers), valid_BxS=ctx["cache_valid_BxS"],
                                       length=cache.length + l)
+        if return_routing != "experts":
+            routing = [{k: v for k, v in stats.items() if k != "routed_experts"} for stats in routing]
         return ModelOutput(logits=out_logits, hidden=h, cache=new_cache, lightning_states=tuple(states),
                            routing=tuple(routing) if return_routing else None,
                            layer_hidden=tuple(hidden) if return_hidden else None)
@@ -151,6 +174,33 @@ class MiniMaxM1(nnx.Module):
         w_DxV = self.lm_head[...] if columns_DxV is None else columns_DxV
         h = dot_boundary(h_BxLxD.astype(jnp.float32))
         return dot_boundary(linear(h, w_DxV.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST))
+
+
+def _routing_inputs(c: ModelConfig, b: int, l: int, expert_threshold, routed_experts) -> dict[str, jax.Array]:
+    """The MoE inputs of the context: `expert_threshold_BxL` (fp32) and/or `routed_experts_BxLxNxK` (int32), each
+    checked against the batch `[b, l]` and the model."""
+    out = {}
+    if expert_threshold is not None and routed_experts is not None:
+        raise ValueError("pass expert_threshold or routed_experts, not both: replayed routing already holds the "
+                         "threshold's dropped experts")
+    if expert_threshold is not None:
+        tau_B = jnp.asarray(expert_threshold)
+        if tau_B.shape != (b,) or not jnp.issubdtype(tau_B.dtype, jnp.floating):
+            raise ValueError(f"expert_threshold must be a float array [batch] = [{b}], got {tau_B.dtype} "
+                             f"{tau_B.shape}")
+        out["expert_threshold_BxL"] = jnp.broadcast_to(tau_B.astype(jnp.float32)[:, None], (b, l))
+    if routed_experts is not None:
+        if isinstance(routed_experts, (list, tuple)):
+            routed_experts = jnp.stack([jnp.asarray(r) for r in routed_experts], axis=2)
+        r = jnp.asarray(routed_experts)
+        n = c.num_hidden_layers
+        if r.ndim != 4 or r.shape[:3] != (b, l, n) or not 1 <= r.shape[3] <= c.num_local_experts:
+            raise ValueError(f"routed_experts must be [batch, seq, layers, k] = [{b}, {l}, {n}, k] with 1 ≤ k ≤ "
+                             f"{c.num_local_experts} (or {n} arrays [batch, seq, k]), got shape {r.shape}")
+        if not jnp.issubdtype(r.dtype, jnp.integer):
+            raise ValueError(f"routed_experts must be integer expert ids, got dtype {r.dtype}")
+        out["routed_experts_BxLxNxK"] = r.astype(jnp.int32)
+    return out
 
 
 def _apply_layer(layer: DecoderLayer, h, ctx, layer_cache, policy: str):

@@ -264,7 +264,7 @@ def test_rollout_seeds_overlong_packing_and_agreement():
     np.testing.assert_array_equal(packed.tokens_NxL, [[0, 0, 1, 2, 7, 8, 9], [0, 1, 2, 3, 7, 0, 0]])
     np.testing.assert_array_equal(packed.mask_NxL, [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0]])
     np.testing.assert_array_equal(packed.valid_NxL[1], [0, 1, 1, 1, 1, 0, 0])
-    agree = probability_agreement([-0.1, -1.0, -2.0], [-0.1, -1.0, -2.0])
+    agree = probability_agreement([[-0.1, -1.0, -2.0]], [[-0.1, -1.0, -2.0]], [[1, 1, 1]])
     assert agree["sampler_trainer_corr"] == pytest.approx(1.0) and agree["sampler_trainer_abs_dp"] == 0.0
 
 

@@ -179,8 +179,7 @@ class CISPOTrainer(TrainLoop):
             entropy.append(ent)
         old_logp_NxL = np.asarray(jnp.concatenate(old_logp), np.float32)
         entropy_NxL = np.asarray(jnp.concatenate(entropy), np.float32)
-        resp = batch["mask_NxL"] > 0
-        agreement = probability_agreement(batch["sampler_logp_NxL"][resp], old_logp_NxL[resp])
+        agreement = probability_agreement(batch["sampler_logp_NxL"], old_logp_NxL, batch["mask_NxL"])
 
         # μ minibatch updates per epoch over shuffled prompt groups.
         g = r.group_size

@@ -49,11 +49,13 @@ def positions_from_valid(valid_BxL: jax.Array) -> jax.Array:
 def sequence_logprobs(model, tokens_BxL: jax.Array, *, valid_BxL: jax.Array | None = None,
                       positions_BxL: jax.Array | None = None, with_entropy: bool = False,
                       with_aux_loss: bool = False, seq_chunk: int | None = None,
-                      vocab_chunk: int | None = None) -> TokenLogprobs:
+                      vocab_chunk: int | None = None, routed_experts_BxLxNxK: jax.Array | None = None
+                      ) -> TokenLogprobs:
     """log π(x_t | x_<t) for every position of `tokens_BxL` (see the module docstring), fp32 head and softmax.
 
     valid_BxL: False on padding (never attended to); positions_BxL default to `positions_from_valid(valid)`;
-    seq_chunk / vocab_chunk: see `head_logprobs`.
+    seq_chunk / vocab_chunk: see `head_logprobs`; routed_experts_BxLxNxK: routing replay (the experts the
+    rollout engine routed each token to, per layer; see `MiniMaxM1.__call__`), None = the model's own routing.
     """
     b, l = tokens_BxL.shape
     if valid_BxL is None:
@@ -61,7 +63,7 @@ def sequence_logprobs(model, tokens_BxL: jax.Array, *, valid_BxL: jax.Array | No
     if positions_BxL is None:
         positions_BxL = positions_from_valid(valid_BxL)
     out = model(tokens_BxL, positions_BxL=positions_BxL, valid_BxL=valid_BxL, logits="none",
-                return_routing=with_aux_loss)
+                return_routing=with_aux_loss, routed_experts=routed_experts_BxLxNxK)
     # position t-1 predicts token t
     logp_BxT, entropy_BxT = head_logprobs(model, out.hidden[:, :-1], tokens_BxL[:, 1:], with_entropy=with_entropy,
                                           seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
@@ -143,14 +145,36 @@ def _head_stats(model, h_BxCxD, tgt_BxC, *, with_entropy: bool, vocab_chunk: int
     return picked_BxC - logz_BxC, (logz_BxC - u_BxC / s_BxC) if with_entropy else None
 
 
-def probability_agreement(sampler_logp_N, trainer_logp_N) -> dict[str, float]:
-    """Sampler vs trainer token probabilities p = exp(logp) over N response tokens: Pearson correlation of p
-    (the report's 0.987 → 0.997 number) and mean |Δp|. Host-side numpy, float64."""
-    p_s = np.exp(np.asarray(sampler_logp_N, np.float64))
-    p_t = np.exp(np.asarray(trainer_logp_N, np.float64))
-    if p_s.size == 0:
-        return {"sampler_trainer_corr": 1.0, "sampler_trainer_abs_dp": 0.0}
-    ds, dt = p_s - p_s.mean(), p_t - p_t.mean()
-    denom = np.sqrt(np.sum(ds * ds) * np.sum(dt * dt))
-    corr = float(np.sum(ds * dt) / denom) if denom > 0 else (1.0 if np.allclose(p_s, p_t) else 0.0)
-    return {"sampler_trainer_corr": corr, "sampler_trainer_abs_dp": float(np.mean(np.abs(p_s - p_t)))}
+def probability_agreement(sampler_logp_NxL, trainer_logp_NxL, mask_NxL) -> dict[str, float]:
+    """Sampler (rollout engine) vs trainer log-probs of the response tokens (`mask_NxL` > 0), host-side numpy in
+    float64 — the train/infer mismatch meter:
+
+    sampler_trainer_corr    Pearson correlation of the token probabilities p = exp(logp) (the M1 report's
+                            0.987 → 0.997 number);
+    sampler_trainer_abs_dp  mean |Δp| over tokens;
+    logp_corr               Pearson correlation of the log-probs;
+    logp_abs_diff_mean      mean over tokens of |log π_train − log π_rollout|;
+    logp_abs_diff_max       mean over sequences (with response tokens) of the per-sequence max of that.
+    """
+    mask = np.asarray(mask_NxL) > 0
+    lp_s = np.asarray(sampler_logp_NxL, np.float64)
+    lp_t = np.asarray(trainer_logp_NxL, np.float64)
+    if lp_s.shape != mask.shape or lp_t.shape != mask.shape:
+        raise ValueError(f"sampler log-probs {lp_s.shape}, trainer log-probs {lp_t.shape} and mask {mask.shape} "
+                         "must have one shape [N, L]")
+    if not mask.any():
+        return {"sampler_trainer_corr": 1.0, "sampler_trainer_abs_dp": 0.0, "logp_corr": 1.0,
+                "logp_abs_diff_mean": 0.0, "logp_abs_diff_max": 0.0}
+    diff_NxL = np.where(mask, np.abs(lp_t - lp_s), 0.0)
+    rows = mask.any(axis=1)
+    p_s, p_t = np.exp(lp_s[mask]), np.exp(lp_t[mask])
+    return {"sampler_trainer_corr": _pearson(p_s, p_t), "sampler_trainer_abs_dp": float(np.mean(np.abs(p_s - p_t))),
+            "logp_corr": _pearson(lp_s[mask], lp_t[mask]), "logp_abs_diff_mean": float(np.mean(diff_NxL[mask])),
+            "logp_abs_diff_max": float(np.mean(diff_NxL.max(axis=1)[rows]))}
+
+
+def _pearson(a_N: np.ndarray, b_N: np.ndarray) -> float:
+    """Pearson correlation of two float64 vectors (1 when both are constant and equal, else 0 for a constant)."""
+    da, db = a_N - a_N.mean(), b_N - b_N.mean()
+    denom = np.sqrt(np.sum(da * da) * np.sum(db * db))
+    return float(np.sum(da * db) / denom) if denom > 0 else (1.0 if np.allclose(a_N, b_N) else 0.0)

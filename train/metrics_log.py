@@ -98,6 +98,7 @@ def progress_line(m: dict, total_steps: int = 0) -> str:
     add("gnorm {:.3g}", "grad_norm")
     add("lr {:.2e}", "lr")
     add("corr {:.4f}", "sampler_trainer_corr")
+    add("|Δlogp| {:.2g}", "logp_abs_diff_mean")
     add("{:.0f} tok/s", "tokens_per_s")
     add("roll {:.2f}s", "time_rollout_s")
     add("upd {:.2f}s", "time_update_s")

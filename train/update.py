@@ -90,13 +90,14 @@ def compute_model(graphdef, params, param_dtypes, frozen=None, *, cast_at_use: b
 
 # ----------------------------------------------------------------------------------------------- forward
 @partial(jax.jit, static_argnames=("graphdef", "param_dtypes", "seq_chunk", "vocab_chunk"))
-def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, *, graphdef, param_dtypes, seq_chunk=None,
-                     vocab_chunk=None):
+def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, routed_experts_BxLxNxK=None, *, graphdef,
+                     param_dtypes, seq_chunk=None, vocab_chunk=None):
     """(logp_BxL, entropy_BxL) of `sequence_logprobs` at `params`, no gradient (π_old, entropy, evaluation);
-    `seq_chunk`, `vocab_chunk`: the head's chunking (`train.logprobs.head_logprobs`)."""
+    `seq_chunk`, `vocab_chunk`: the head's chunking (`train.logprobs.head_logprobs`); `routed_experts_BxLxNxK`:
+    routing replay (None: the model's own routing)."""
     model = compute_model(graphdef, params, param_dtypes, frozen, cast_at_use=True)
     out = sequence_logprobs(model, tokens_BxL, valid_BxL=valid_BxL, with_entropy=True, seq_chunk=seq_chunk,
-                            vocab_chunk=vocab_chunk)
+                            vocab_chunk=vocab_chunk, routed_experts_BxLxNxK=routed_experts_BxLxNxK)
     return out.logp_BxL, out.entropy_BxL
 
 
@@ -104,7 +105,8 @@ def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, *, graphdef, pa
 def batch_loss(params, batch: dict, entropy_coef=0.0, frozen=None, *, graphdef, param_dtypes, spec: LossSpec,
                aux_weight: float):
     """(loss, stats) of one micro-batch. `batch`: tokens_BxL, valid_BxL, mask_BxL (tokens that count),
-    denom_B (step-level D_b slice) and, for the policy losses, old_logp_BxL and adv_B.
+    denom_B (step-level D_b slice), for the policy losses old_logp_BxL and adv_B, and optionally
+    routed_experts_BxLxNxK (routing replay: the forward uses the rollout's routed experts).
 
     stats: sums over the micro-batch (num_tokens, loss, and mean-stat × num_tokens) plus extrema, ready to be
     combined across micro-batches by `_combine`. `frozen`: see `compute_model` (no gradient flows into it).
@@ -112,7 +114,8 @@ def batch_loss(params, batch: dict, entropy_coef=0.0, frozen=None, *, graphdef, 
     model = compute_model(graphdef, params, param_dtypes, frozen, cast_at_use=True)
     out = sequence_logprobs(model, batch["tokens_BxL"], valid_BxL=batch["valid_BxL"],
                             with_entropy=spec.entropy_bonus, with_aux_loss=spec.aux_loss_coef > 0,
-                            seq_chunk=spec.seq_chunk, vocab_chunk=spec.vocab_chunk)
+                            seq_chunk=spec.seq_chunk, vocab_chunk=spec.vocab_chunk,
+                            routed_experts_BxLxNxK=batch.get("routed_experts_BxLxNxK"))
     mask_BxL = batch["mask_BxL"]
     if spec.kind == "nll":
         loss = aggregate_token_terms(-out.logp_BxL, mask_BxL, batch["denom_B"])

@@ -34,7 +34,8 @@ class DecoderLayer(nnx.Module):
         self.block_sparse_moe = MoE(config, rngs=rngs)
 
     def __call__(self, h_BxLxD: jax.Array, *, ctx: dict, layer_cache=None, slope_H=None):
-        """Returns (h, new layer cache, routing stats). `ctx` holds the per-call inputs shared by all layers;
+        """Returns (h, new layer cache, routing stats). `ctx` holds the per-call inputs shared by all layers
+        (the MoE reads `expert_threshold_BxL` and its layer's slice of `routed_experts_BxLxNxK`, if present);
         `slope_H`: a lightning layer's decay rates when not those of `layer_idx` (a scanned group's layer)."""
         c = self.config
         x = rms_norm(h_BxLxD, self.input_layernorm[...], c.rms_norm_eps)
@@ -46,6 +47,11 @@ class DecoderLayer(nnx.Module):
                                           cache_valid_BxS=ctx.get("cache_valid_BxS"))
         h = (x if c.postnorm else h_BxLxD) * self.alpha + a * self.beta
         x = rms_norm(h, self.post_attention_layernorm[...], c.rms_norm_eps)
-        m, stats = self.block_sparse_moe(x, valid_BxL=ctx["valid_BxL"], impl=ctx.get("moe_impl"))
+        replay = ctx.get("routed_experts_BxLxNxK")
+        if replay is not None:  # this layer's slice (a scanned group's layer: offset g·P + its position p)
+            replay = jax.lax.dynamic_index_in_dim(replay, ctx.get("layer_offset", 0) + self.layer_idx, axis=2,
+                                                  keepdims=False)
+        m, stats = self.block_sparse_moe(x, valid_BxL=ctx["valid_BxL"], impl=ctx.get("moe_impl"),
+                                         threshold_BxL=ctx.get("expert_threshold_BxL"), experts_BxLxK=replay)
         h = (x if c.postnorm else h) * c.mlp_alpha + m * c.mlp_beta
         return h, new_cache, stats

@@ -45,13 +45,44 @@ EXPERT_WEIGHTS = ("w1", "w3", "w2")  # in the argument order of the expert imple
 EXPERT_SCALES = tuple(scale_name(w) for w in EXPERT_WEIGHTS)  # their scales when int8 (`scales=`)
 
 
-def route(x_TxD: jax.Array, gate_DxE: jax.Array, k: int):
-    """Router: (probs `[T, E]` fp32, weights `[T, k]` fp32 renormalised, expert ids `[T, k]` int32)."""
+NO_EXPERT = -1  # a dropped choice in routed-experts arrays (logs, replay input)
+
+
+def route(x_TxD: jax.Array, gate_DxE: jax.Array, k: int, *, threshold_T: jax.Array | None = None,
+          experts_TxK: jax.Array | None = None):
+    """Router: (probs `[T, E]` fp32, weights `[T, k]` fp32, expert ids `[T, k]` int32).
+
+    Exact M1: the top-k of p = softmax(x·W_gate), weights w = p_top / Σ p_top.
+    `threshold_T` (expert threshold τ per token): keep the smallest prefix of the top-k (in descending weight)
+    whose weights w sum to ≥ τ — choice j is kept iff Σ_{i<j} w_i < τ, so the first always is, and τ ≥ 1 keeps
+    all k (today's top-k, bit for bit) — and renormalise over the kept ones: w_j = p_j / Σ_kept p.
+    `experts_TxK` (routing replay): use these expert ids instead of the top-k (`NO_EXPERT` = dropped), with
+    weights p_e / Σ_given p recomputed from this router; a token with none given gets weight 0 everywhere.
+    A dropped choice carries the id E (no expert: the sorted implementations leave it out of every group) and
+    weight 0.
+    """
     logits = jnp.einsum("td,de->te", x_TxD.astype(jnp.float32), gate_DxE.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
     probs = jax.nn.softmax(logits, axis=-1)
-    top_w, top_e = jax.lax.top_k(probs, k)
-    return probs, top_w / jnp.sum(top_w, axis=-1, keepdims=True), top_e.astype(jnp.int32)
+    e = probs.shape[1]
+    keep_TxK = None
+    if experts_TxK is None:
+        top_w, top_e = jax.lax.top_k(probs, k)
+        top_e = top_e.astype(jnp.int32)
+        if threshold_T is not None:
+            w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+            before_TxK = jnp.pad(jnp.cumsum(w[:, :-1], axis=-1), ((0, 0), (1, 0)))  # Σ_{i<j} w_i
+            tau_Tx1 = threshold_T.astype(jnp.float32)[:, None]
+            keep_TxK = (before_TxK < tau_Tx1) | (tau_Tx1 >= 1.0)
+    else:
+        keep_TxK = experts_TxK >= 0
+        top_e = jnp.where(keep_TxK, experts_TxK, 0).astype(jnp.int32)
+        top_w = jnp.take_along_axis(probs, top_e, axis=-1)
+    if keep_TxK is None:
+        return probs, top_w / jnp.sum(top_w, axis=-1, keepdims=True), top_e
+    kept_w = jnp.where(keep_TxK, top_w, 0.0)
+    total = jnp.sum(kept_w, axis=-1, keepdims=True)
+    return probs, kept_w / jnp.where(total > 0, total, 1.0), jnp.where(keep_TxK, top_e, e)
 
 
 def _scales(scales):
@@ -115,6 +146,7 @@ def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
         return ffn
 
     branches = [branch(e) for e in range(len(w1_ExDxF))]
+    branches.append(lambda x_D: jnp.zeros_like(x_D, shape=(w2_ExFxD[0].shape[-1],)))  # id E: a dropped choice
 
     def token(args):
         x_D, e_K = args
@@ -124,10 +156,19 @@ def experts_switch(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
 
 
 def _sort_assignments(experts_TxK, num_experts):
+    """(order `[A]` sorting the assignments by expert id, group sizes `[E]`): an id ≥ E (a dropped choice) sorts
+    last and counts in no group, so no GEMM row is spent on it."""
     flat_A = experts_TxK.reshape(-1)
     order_A = jnp.argsort(flat_A, stable=True)
     group_sizes_E = jnp.bincount(flat_A, length=num_experts).astype(jnp.int32)
     return order_A, group_sizes_E
+
+
+def _unsort(out_sorted_AxD, order_A, sizes_E):
+    """Sorted rows back in assignment order; rows past Σ sizes (dropped choices, never computed) are 0."""
+    computed_A = jnp.arange(out_sorted_AxD.shape[0]) < jnp.sum(sizes_E)
+    out_sorted_AxD = jnp.where(computed_A[:, None], out_sorted_AxD, 0)
+    return jnp.zeros_like(out_sorted_AxD).at[order_A].set(out_sorted_AxD)
 
 
 def _ragged_dot(x_AxK, w_ExKxN, sizes_E, preferred_element_type=None):
@@ -153,9 +194,14 @@ def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
         return scaled(_ragged_dot(lhs, w, sizes_E, preferred_element_type=dt), s)
 
     h = jax.nn.silu(gemm(xs_AxD, w1_ExDxF, s1)) * gemm(xs_AxD, w3_ExDxF, s3)
-    out_sorted = gemm(h, w2_ExFxD, s2)
-    out_AxD = jnp.zeros_like(out_sorted).at[order_A].set(out_sorted)
+    out_AxD = _unsort(gemm(h, w2_ExFxD, s2), order_A, sizes_E)
     return _combine(out_AxD.reshape(t, k, -1), weights_TxK)
+
+
+def tile_size(num_assignments: int, num_experts: int, tile_rows: int = TILE_ROWS) -> int:
+    """Rows G per tile of `experts_tiled`: the power of two above A/E, clamped to [8, `tile_rows`]; the tiles it
+    computes are Σ_e ⌈g_e / G⌉ over the group sizes g_e of the kept assignments."""
+    return max(8, min(tile_rows, 1 << max(num_assignments // num_experts, 1).bit_length()))
 
 
 def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None,
@@ -170,7 +216,7 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
     t, k = experts_TxK.shape
     e = w1_ExDxF.shape[0]
     a = t * k
-    g = max(8, min(tile_rows, 1 << max(a // e, 1).bit_length()))
+    g = tile_size(a, e, tile_rows)
     order_A, sizes_E = _sort_assignments(experts_TxK, e)
     xs = jnp.concatenate([x_TxD[order_A // k], jnp.zeros_like(x_TxD, shape=(g, x_TxD.shape[1]))], axis=0)
     starts_E = jnp.cumsum(sizes_E) - sizes_E
@@ -201,8 +247,7 @@ def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK,
 
     out0 = jnp.zeros_like(x_TxD, shape=(a + g, w2_ExFxD.shape[2]))  # zeros_like: shard_map's varying axes
     out, _ = jax.lax.scan(body, out0, (expert_T, row_T, active_T))
-    out_sorted = out[:a]
-    out_AxD = jnp.zeros_like(out_sorted).at[order_A].set(out_sorted)
+    out_AxD = _unsort(out[:a], order_A, sizes_E)
     return _combine(out_AxD.reshape(t, k, -1), weights_TxK)
 
 
@@ -404,15 +449,26 @@ class MoE(nnx.Module):
                                   ("w2", (e, f, d), ("experts", "mlp", "embed"))):
             lora.declare(self, name, shape, axes, config, rngs)
 
-    def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None, impl: str | None = None
+    def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None, impl: str | None = None,
+                 threshold_BxL: jax.Array | None = None, experts_BxLxK: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns (y `[B, L, D]` in the compute dtype, routing statistics over valid tokens)."""
+        """Returns (y `[B, L, D]` in the compute dtype, routing statistics over valid tokens: `routing_stats`).
+
+        `threshold_BxL`: the expert threshold of each token (see `route`; None = exact top-k);
+        `experts_BxLxK`: routing replay, the expert ids to use instead of the router's top-k (`NO_EXPERT` for
+        a dropped choice). Dropped choices cost no expert FLOPs in the sorted and expert-parallel paths.
+        """
         c = self.config
         dt = DTYPE[c.dtype]
         b, l, d = x_BxLxD.shape
+        k = c.num_experts_per_tok if experts_BxLxK is None else experts_BxLxK.shape[-1]
         x_TxD = x_BxLxD.reshape(b * l, d).astype(dt)
-        probs_TxE, weights_TxK, experts_TxK = route(x_TxD, self.gate[...], c.num_experts_per_tok)
-        stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1))
+        probs_TxE, weights_TxK, experts_TxK = route(
+            x_TxD, self.gate[...], k, threshold_T=None if threshold_BxL is None else threshold_BxL.reshape(-1),
+            experts_TxK=None if experts_BxLxK is None else experts_BxLxK.reshape(b * l, k))
+        stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1),
+                              flops_per_assignment=expert_flops_per_assignment(c))
+        stats["routed_experts"] = stats["routed_experts"].reshape(b, l, k)
         impl = impl or c.moe_impl
         mesh = current_mesh()
         w_shape = (c.num_local_experts, d, c.intermediate_size)
@@ -434,7 +490,6 @@ class MoE(nnx.Module):
             scales = tuple(_compute_weight(getattr(self, s).get_value(), None, keep_tuple=keep)
                            for s in EXPERT_SCALES) if quantized else None
         if parallel:
-            k = c.num_experts_per_tok
             y_BxLxD = expert_parallel(x_TxD.reshape(b, l, d), *ws, weights_TxK.astype(dt).reshape(b, l, k),
                                       experts_TxK.reshape(b, l, k), scales=scales, impl=impl, mesh=mesh)
             return y_BxLxD.astype(dt), stats
@@ -468,13 +523,33 @@ def _is_expert_weight(path) -> bool:
     return len(names) >= 3 and names[-3] == "block_sparse_moe" and names[-2] in EXPERT_WEIGHTS + EXPERT_SCALES
 
 
-def routing_stats(probs_TxE, experts_TxK, valid_T=None) -> dict[str, jax.Array]:
-    """tokens_per_expert `[E]` (assignments), mean_prob `[E]`, num_tokens, and the Switch load-balancing loss
-    aux = E · Σ_e (tokens_e / T) · mean_prob_e — all over valid tokens only."""
+def expert_flops_per_assignment(config: ModelConfig) -> int:
+    """FLOPs of one (token, expert) assignment: the three D×F SwiGLU products, 2·3·D·F."""
+    return 6 * config.hidden_size * config.intermediate_size
+
+
+def routing_stats(probs_TxE, experts_TxK, valid_T=None, *, flops_per_assignment: int = 0) -> dict[str, jax.Array]:
+    """The routing log of one MoE layer, over valid tokens only (`experts_TxK` as `route` returns them: id E for
+    a dropped choice):
+
+    tokens_per_expert `[E]` (kept assignments; Σ = kept assignments), mean_prob `[E]`, num_tokens, the Switch
+    load-balancing loss aux = E · Σ_e (tokens_e / T) · mean_prob_e, experts_used_frac `[k]` (fraction of tokens
+    that used j + 1 experts; Σ = 1), expert_flops (kept assignments × `flops_per_assignment`),
+    expert_flops_saved (dropped assignments × the same), and routed_experts `[T, k]` int32 (the expert of each
+    choice, `NO_EXPERT` where dropped; padding included).
+    """
     e = probs_TxE.shape[1]
+    k = experts_TxK.shape[1]
     w_T = jnp.ones(probs_TxE.shape[0], jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(w_T), 1.0)
+    kept_TxK = experts_TxK < e
     tokens_E = jnp.sum(jax.nn.one_hot(experts_TxK, e, dtype=jnp.float32) * w_T[:, None, None], axis=(0, 1))
     mean_prob_E = jnp.sum(probs_TxE * w_T[:, None], axis=0) / n
+    used_T = jnp.sum(kept_TxK, axis=1)
+    used_K = jnp.sum(jax.nn.one_hot(used_T - 1, k, dtype=jnp.float32) * w_T[:, None], axis=0) / n
+    kept = jnp.sum(kept_TxK * w_T[:, None])
     return {"tokens_per_expert": tokens_E, "mean_prob": mean_prob_E, "num_tokens": jnp.sum(w_T),
-            "aux_loss": e * jnp.sum(tokens_E / n * mean_prob_E)}
+            "aux_loss": e * jnp.sum(tokens_E / n * mean_prob_E), "experts_used_frac": used_K,
+            "expert_flops": kept * float(flops_per_assignment),
+            "expert_flops_saved": (jnp.sum(w_T) * k - kept) * float(flops_per_assignment),
+            "routed_experts": jnp.where(kept_TxK, experts_TxK, NO_EXPERT).astype(jnp.int32)}
