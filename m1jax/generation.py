@@ -72,7 +72,9 @@ class EngineState:
 class GenerationResult:
     """One sequence's output. `logprobs`: log-prob of each token under the model (fp32 head, temperature 1);
     `sample_logprobs`: under the distribution it was sampled from. `finish_reason`: "stop" (a stop token, kept
-    in `tokens`), "stop_string" (text cut before the stop string), "length" or "repetition"."""
+    in `tokens`), "stop_string" (text cut before the stop string), "length" or "repetition". `routed_experts`
+    (when asked): the experts each token was routed to in each layer — from `decode`, the generated tokens; from
+    `generate`, the prompt's tokens followed by the generated ones."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -81,6 +83,7 @@ class GenerationResult:
     prompt_tokens: int
     text: str | None = None
     reasoning_tokens: int = 0
+    routed_experts: np.ndarray | None = None  # int32 [tokens, layers, k], −1 = dropped (`return_routed_experts`)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -133,27 +136,54 @@ def _fresh(new, old):
     return jax.tree.map(lambda n, o: jnp.copy(n) if n is o else n, new, old)
 
 
-def forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC):
+def forward_chunk(graphdef, params, cache, tokens_BxC, positions_BxC, valid_BxC, threshold_B=None, *,
+                  record: bool = False):
     """C tokens per row appended to the cache (a prefill chunk, or C = 1 in the decode loop); returns
-    (cache, logits `[B, V]` fp32 after the last position)."""
+    (cache, logits `[B, V]` fp32 after the last position), and with `record` a third element: the routed experts
+    of the C tokens `[B, C, layers, k]` int32 (−1 = dropped). `threshold_B`: each row's expert threshold (None:
+    the exact top-k; see `MiniMaxM1.__call__`)."""
     model = nnx.merge(graphdef, params)
-    out = model(tokens_BxC, positions_BxL=positions_BxC, valid_BxL=valid_BxC, cache=cache, logits="last")
+    out = model(tokens_BxC, positions_BxL=positions_BxC, valid_BxL=valid_BxC, cache=cache, logits="last",
+                expert_threshold=threshold_B, return_routing="experts" if record else False)
+    if record:
+        return out.cache, out.logits[:, 0], out.routed_experts()
     return out.cache, out.logits[:, 0]
 
 
-_forward_chunk = jax.jit(forward_chunk, static_argnums=(0,), donate_argnums=(2,),
+_forward_chunk = jax.jit(forward_chunk, static_argnums=(0,), static_argnames=("record",), donate_argnums=(2,),
                          compiler_options=XLA_CPU_COMPILER_OPTIONS)
 
 
-def decode_step(graphdef, params, sp: dict, n_top: int, state: EngineState, prog: RowProgress):
+def expert_thresholds(value, batch: int) -> np.ndarray | None:
+    """Per-row expert thresholds `[batch]` fp32 from one float or one per row (each in (0, 1]; None = 1.0); None
+    when every row is exact (1.0: the exact top-k, so no threshold enters the compiled step)."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * batch
+    if len(values) != batch:
+        raise GenerationError(f"expert_threshold: got {len(values)} values for {batch} sequences")
+    out = []
+    for v in values:
+        v = 1.0 if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0.0 < float(v) <= 1.0:
+            raise GenerationError(f"expert_threshold must be a number in (0, 1] (1.0: the exact top-k), got {v!r}")
+        out.append(float(v))
+    tau_B = np.asarray(out, np.float32)
+    return None if np.all(tau_B >= 1.0) else tau_B
+
+
+def decode_step(graphdef, params, sp: dict, n_top: int, state: EngineState, prog: RowProgress, *,
+                record: bool = False):
     """One decode step for every row: pick the next token (sampled with the row's key
     `step_keys(seed, n_gen)`, or forced: the `THINK_CLOSE` tokens once `n_gen` reaches the row's thinking budget
     with the think block still open), its model log-prob (fp32 head, temperature 1) and, with `n_top` > 0, the
     `n_top` best tokens of the model distribution; then the stop checks (stop tokens, length, repetition) and the
-    token fed back into the cache. Rows already finished only pass through padding.
+    token fed back into the cache (with the rows' expert thresholds `sp["expert_threshold_B"]` if present).
+    Rows already finished only pass through padding.
 
     Returns (token `[B]`, model log-prob `[B]`, sampling log-prob `[B]`, top ids `[B, n_top]`, top log-probs
-    `[B, n_top]`, active `[B]` (the row produced this token), state, progress)."""
+    `[B, n_top]`, active `[B]` (the row produced this token), state, progress, and the fed token's routed experts
+    `[B, layers, k]` with `record` (else None))."""
     n_stop = sp["stop_ids_BxS"].shape[1]
     force_F, end_T = sp["force_ids_F"], sp["think_end_T"]
     n_force, n_end = force_F.shape[0], end_T.shape[0]
@@ -192,24 +222,32 @@ def decode_step(graphdef, params, sp: dict, n_top: int, state: EngineState, prog
         force_at_B=jnp.where(active, force_at, prog.force_at_B), match_B=jnp.where(active, m_next, prog.match_B),
         reasoning_B=jnp.where(closes, n_gen, prog.reasoning_B))
 
+    c = nnx.merge(graphdef, params).config
+    no_route = jnp.full((b, c.num_hidden_layers, c.num_experts_per_tok) if record else (0,), -1, jnp.int32)
+
     def feed(st):
-        cache, new_logits = forward_chunk(graphdef, params, st.cache, tok[:, None], st.positions_B[:, None],
-                                          active[:, None])
+        out = forward_chunk(graphdef, params, st.cache, tok[:, None], st.positions_B[:, None], active[:, None],
+                            sp.get("expert_threshold_B"), record=record)
+        cache, new_logits = out[:2]
         return EngineState(cache=cache, positions_B=st.positions_B + active.astype(st.positions_B.dtype),
-                           next_logits_BxV=jnp.where(active[:, None], new_logits, st.next_logits_BxV))
+                           next_logits_BxV=jnp.where(active[:, None], new_logits, st.next_logits_BxV)), \
+            (out[2][:, 0] if record else no_route)
 
     # The token that finishes a row still enters its state (as HF does); afterwards the row is padding.
-    state = jax.lax.cond(jnp.any(active), feed, lambda st: st, state)
-    return tok, lp, slp, top_id, top_lp, active, state, prog
+    state, routed = jax.lax.cond(jnp.any(active), feed, lambda st: (st, no_route), state)
+    return tok, lp, slp, top_id, top_lp, active, state, prog, routed if record else None
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,), compiler_options=XLA_CPU_COMPILER_OPTIONS)
-def _decode_loop(graphdef, n_top: int, params, state: EngineState, prog: RowProgress, sp: dict, max_steps):
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("record",), donate_argnums=(3,),
+         compiler_options=XLA_CPU_COMPILER_OPTIONS)
+def _decode_loop(graphdef, n_top: int, params, state: EngineState, prog: RowProgress, sp: dict, max_steps, *,
+                 record: bool = False):
     """`decode_step` repeated until every row finished or `max_steps` steps ran (one decode burst).
 
     Row b's token of this burst with index j (its `n_gen` at the burst's start + j) lands in column j of the
     outputs `[B, C]` (C = `sp["out_capacity"]`, ≥ `max_steps`). Returns (outputs dict: tokens, logprobs,
-    sample_logprobs, top_ids `[B, C, n_top]`, top_logprobs), state, progress."""
+    sample_logprobs, top_ids `[B, C, n_top]`, top_logprobs, and with `record` routed_experts `[B, C, layers, k]`),
+    state, progress."""
     b = state.batch_size
     cap = sp["out_capacity"].shape[0]
     n0 = prog.n_gen_B
@@ -219,7 +257,8 @@ def _decode_loop(graphdef, n_top: int, params, state: EngineState, prog: RowProg
 
     def body(carry):
         step, st, pr, outs = carry
-        tok, lp, slp, top_id, top_lp, active, st, pr_new = decode_step(graphdef, params, sp, n_top, st, pr)
+        tok, lp, slp, top_id, top_lp, active, st, pr_new, routed = decode_step(graphdef, params, sp, n_top, st, pr,
+                                                                               record=record)
         col = jnp.clip(pr.n_gen_B - n0, 0, cap - 1)
         rows = jnp.arange(b)
 
@@ -227,12 +266,17 @@ def _decode_loop(graphdef, n_top: int, params, state: EngineState, prog: RowProg
             return buf.at[rows, col].set(jnp.where(active.reshape((b,) + (1,) * (x.ndim - 1)), x, buf[rows, col]))
 
         new = {"tokens": tok, "logprobs": lp, "sample_logprobs": slp, "top_ids": top_id, "top_logprobs": top_lp}
+        if record:
+            new["routed_experts"] = routed
         outs = {k: put(outs[k], x) for k, x in new.items()}
         return step + 1, st, pr_new, outs
 
     outs = {"tokens": jnp.zeros((b, cap), jnp.int32), "logprobs": jnp.zeros((b, cap), jnp.float32),
             "sample_logprobs": jnp.zeros((b, cap), jnp.float32), "top_ids": jnp.zeros((b, cap, n_top), jnp.int32),
             "top_logprobs": jnp.zeros((b, cap, n_top), jnp.float32)}
+    if record:
+        c = nnx.merge(graphdef, params).config
+        outs["routed_experts"] = jnp.full((b, cap, c.num_hidden_layers, c.num_experts_per_tok), -1, jnp.int32)
     prog = jax.tree.map(jnp.asarray, prog)
     _, state, prog, outs = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, prog, outs))
     return outs, state, prog
@@ -320,15 +364,23 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompts: Sequence[Sequence[int]], *, state: EngineState | None = None,
-                reserve: int = 256, consume_state: bool = False) -> EngineState:
+                reserve: int = 256, consume_state: bool = False, expert_threshold=None) -> EngineState:
         """Run `prompts` (one token list per sequence) through the model, appending to `state` if given.
 
         Rows are left-padded to a common chunked length; `reserve` extra cache slots are allocated for the
         tokens generated next (the cache grows later if needed). The given `state` stays usable (e.g. to ask
         several questions about one prefilled document) unless `consume_state=True` lets its buffers be reused.
+        `expert_threshold`: one float or one per row (see `expert_thresholds`; None: exact).
         """
+        return self._prefill(prompts, state=state, reserve=reserve, consume_state=consume_state,
+                             expert_threshold=expert_threshold)[0]
+
+    def _prefill(self, prompts, *, state=None, reserve=256, consume_state=False, expert_threshold=None,
+                 record: bool = False) -> tuple[EngineState, list[np.ndarray] | None]:
+        """`prefill`, and with `record` the routed experts of each row's prompt tokens `[n_i, layers, k]`."""
         rows = self._check_prompts(prompts, allow_empty=state is not None)
         b = len(rows)
+        tau_B = expert_thresholds(expert_threshold, b)
         if state is not None and state.batch_size != b:
             raise GenerationError(f"the state holds {state.batch_size} sequences, got {b} continuations")
         lens = np.array([len(r) for r in rows])
@@ -349,14 +401,21 @@ class Engine:
             if not consume_state:
                 cache = _fresh(cache, state.cache)
             logits = state.next_logits_BxV
+        routed = []
         with self._on_mesh():
             for s in range(0, padded, chunk):
-                cache, last = _forward_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens[:, s:s + chunk]),
-                                             jnp.asarray(positions[:, s:s + chunk]),
-                                             jnp.asarray(valid[:, s:s + chunk]))
+                out = _forward_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens[:, s:s + chunk]),
+                                     jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]),
+                                     None if tau_B is None else jnp.asarray(tau_B), record=record)
+                cache, last = out[:2]
+                routed.extend(out[2:])
         has_new = jnp.asarray(lens > 0)
         logits = jnp.where(has_new[:, None], last, logits)
-        return EngineState(cache=cache, positions_B=jnp.asarray(start_pos + lens, jnp.int32), next_logits_BxV=logits)
+        state = EngineState(cache=cache, positions_B=jnp.asarray(start_pos + lens, jnp.int32), next_logits_BxV=logits)
+        if not record:
+            return state, None
+        routed_BxPxNxK = np.concatenate([to_host(r) for r in routed], axis=1)
+        return state, [routed_BxPxNxK[i, padded - n:] for i, n in enumerate(lens)]
 
     # ------------------------------------------------------------------- decode
     def _decode_params(self, batch: int):
@@ -410,8 +469,12 @@ class Engine:
 
     def decode(self, state: EngineState, sampling: SamplingParams | Sequence[SamplingParams], *,
                callback: Callable | None = None, prompt_tokens: Sequence[int] | None = None,
-               consume_state: bool = False, thinking_budget=None) -> tuple[list[GenerationResult], EngineState]:
+               consume_state: bool = False, thinking_budget=None, expert_threshold=None,
+               return_routed_experts: bool = False) -> tuple[list[GenerationResult], EngineState]:
         """Generate from `state` with one `SamplingParams` for all rows or one per row.
+
+        `expert_threshold`: one float or one per row (see `expert_thresholds`; None: exact);
+        `return_routed_experts`: `GenerationResult.routed_experts` holds each generated token's routed experts.
 
         `callback(step, tokens [B], active [B])` is called on the host for every step (streaming), after each
         burst of `HOST_BURST` steps; stop strings are checked there too. `thinking_budget`: see
@@ -432,17 +495,22 @@ class Engine:
                                   f"{self.max_len}")
         sp = sampling_arrays(params, self.eos_ids(), budgets=self.thinking_budgets(thinking_budget, b),
                              think=self.think_tokens())
+        tau_B = expert_thresholds(expert_threshold, b)
+        if tau_B is not None:
+            sp["expert_threshold_B"] = tau_B
         grown = state.replace(cache=self._place(grow_cache(state.cache, int(to_host(state.cache.length)) + max_new)))
         state = grown if consume_state else _fresh(grown, state)
         texts = [RowText(self.tokenizer, p.stop_strings) for p in params]
         burst = HOST_BURST if callback is not None or any(p.stop_strings for p in params) else max_new
         prog = RowProgress.start(b)
-        out = {k: [[] for _ in range(b)] for k in ("tokens", "logprobs", "sample_logprobs")}
+        out = {k: [[] for _ in range(b)] for k in ("tokens", "logprobs", "sample_logprobs")
+               + (("routed_experts",) if return_routed_experts else ())}
         decode_params, step = self._decode_params(b), 0
         while step < max_new and not prog.finished_B.all():
             with self._on_mesh():
                 outs, state, new_prog = _decode_loop(self.graphdef, 0, decode_params, state, prog, sp,
-                                                     jnp.asarray(min(burst, max_new - step), jnp.int32))
+                                                     jnp.asarray(min(burst, max_new - step), jnp.int32),
+                                                     record=return_routed_experts)
             outs = {k: to_host(v) for k, v in outs.items()}  # waits for the burst
             new_prog = jax.tree.map(lambda x: np.array(to_host(x)), new_prog)
             ran = new_prog.n_gen_B - prog.n_gen_B  # tokens each row produced in this burst
@@ -467,7 +535,9 @@ class Engine:
                                  sample_logprobs=out["sample_logprobs"][i],
                                  finish_reason=FINISH_REASONS[int(prog.reason_B[i])],
                                  prompt_tokens=0 if prompt_tokens is None else int(prompt_tokens[i]),
-                                 reasoning_tokens=reasoning_count(int(prog.reasoning_B[i]), len(out["tokens"][i])))
+                                 reasoning_tokens=reasoning_count(int(prog.reasoning_B[i]), len(out["tokens"][i])),
+                                 routed_experts=_stack_rows(out["routed_experts"][i], self.config)
+                                 if return_routed_experts else None)
             if self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.tokens)
                 if texts[i].cut is not None:
@@ -476,15 +546,29 @@ class Engine:
         return results, state
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams], *,
-                 callback: Callable | None = None, thinking_budget=None) -> list[GenerationResult]:
-        """Prefill `prompts` and decode; one result per prompt (`thinking_budget`: see `thinking_budgets`)."""
+                 callback: Callable | None = None, thinking_budget=None, expert_threshold=None,
+                 return_routed_experts: bool = False) -> list[GenerationResult]:
+        """Prefill `prompts` and decode; one result per prompt (`thinking_budget`: see `thinking_budgets`;
+        `expert_threshold`: one float or one per prompt, None: exact; `return_routed_experts`:
+        `GenerationResult.routed_experts` holds the prompt's and then the generated tokens' routed experts,
+        what a trainer replays)."""
         rows = self._check_prompts(prompts)
         params = [sampling] * len(rows) if isinstance(sampling, SamplingParams) else list(sampling)
         reserve = max(p.max_new_tokens for p in params) if params else 1
-        state = self.prefill(rows, reserve=reserve)
+        state, prompt_routed = self._prefill(rows, reserve=reserve, expert_threshold=expert_threshold,
+                                             record=return_routed_experts)
         results, _ = self.decode(state, params, callback=callback, prompt_tokens=[len(r) for r in rows],
-                                 consume_state=True, thinking_budget=thinking_budget)
+                                 consume_state=True, thinking_budget=thinking_budget,
+                                 expert_threshold=expert_threshold, return_routed_experts=return_routed_experts)
+        if return_routed_experts:
+            for r, before in zip(results, prompt_routed, strict=True):
+                r.routed_experts = np.concatenate([before, r.routed_experts], axis=0)
         return results
+
+
+def _stack_rows(rows: list, config: ModelConfig) -> np.ndarray:
+    """Per-token `[layers, k]` routed experts (nested lists) as one `[tokens, layers, k]` int32 array."""
+    return np.asarray(rows, np.int32).reshape(-1, config.num_hidden_layers, config.num_experts_per_tok)
 
 
 def prefill_layout(rows: Sequence[np.ndarray], start_pos: Sequence[int], prefill_chunk: int | None):
