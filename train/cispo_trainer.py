@@ -9,7 +9,9 @@ One step t:
 2. Rewards R_i = Σ_k w_k f_k (+ DAPO overlong penalty); the `shuffle_rewards` control permutes them in the batch.
 3. A_i = (R_i − mean_g R) / (std_g R + ε)        (`train.advantages.group_advantages`)
 4. π_old: `sequence_logprobs` at θ_t (fp32 head) — the same function the loss uses; compared with the sampler's
-   log-probs (Pearson correlation of p and mean |Δp| are logged).
+   log-probs (the mismatch meter `probability_agreement`: correlations of p and of log p, mean |Δ log p| and its
+   per-sequence max). With `cispo.routing_replay` the engine records every token's routed experts and the π_old
+   and update forwards replay them.
 5. μ = `num_minibatches` off-policy updates per epoch: the prompt groups are shuffled and split into μ
    minibatches; each is one AdamW step on the CISPO loss with the denominators D_b of that optimizer step
    (`token_normalizer`), accumulated over `micro_batches` (sums).
@@ -100,7 +102,8 @@ class CISPOTrainer(TrainLoop):
         engine = Engine(self.rollout_model(), self.tokenizer, prefill_chunk=r.prefill_chunk, mesh=self.rollout_mesh)
         t0 = time.perf_counter()
         results = sample_groups(engine, [p.ids for p in prompts], g, self.sampling, run_seed=self.cfg.seed,
-                                step=step, first_prompt_index=round_index * r.num_prompts)
+                                step=step, first_prompt_index=round_index * r.num_prompts,
+                                return_routed_experts=self.cfg.cispo.routing_replay)
         t_gen = time.perf_counter() - t0
         rows = [prompts[i // g] for i in range(len(results))]
         completion_ids = [res.tokens for res in results]
@@ -153,6 +156,8 @@ class CISPOTrainer(TrainLoop):
                  "sampler_logp_NxL": gather("sampler_logp_NxL"),
                  "adv_N": np.concatenate([rounds[k]["adv"][i] for (k, _), i in zip(chosen, idx)]) *
                  np.repeat(keep, g)}
+        if self.cfg.cispo.routing_replay:
+            batch["routed_experts_NxLxNxK"] = gather("routed_experts_NxLxNxK")
         return batch, len(kept)
 
     # ------------------------------------------------------------------------------------------ step
@@ -170,11 +175,16 @@ class CISPOTrainer(TrainLoop):
         t0 = time.perf_counter()
         n_rows = batch["tokens_NxL"].shape[0]
         old_logp, entropy = [], []
+        replay = batch.get("routed_experts_NxLxNxK")
         for sl in rows_per_chunk(n_rows, self.rows_per_micro):
-            dev = as_batch({"t": batch["tokens_NxL"][sl], "v": batch["valid_NxL"][sl]}, self.mesh)
+            arrays = {"t": batch["tokens_NxL"][sl], "v": batch["valid_NxL"][sl]}
+            if replay is not None:
+                arrays["r"] = replay[sl]
+            dev = as_batch(arrays, self.mesh)
             lp, ent = forward_logprobs(self.params, dev["t"], dev["v"], self.model.frozen,
-                                       graphdef=self.model.graphdef, param_dtypes=self.model.param_dtypes,
-                                       seq_chunk=self.loss_spec.seq_chunk, vocab_chunk=self.loss_spec.vocab_chunk)
+                                       routed_experts_BxLxNxK=dev.get("r"), graphdef=self.model.graphdef,
+                                       param_dtypes=self.model.param_dtypes, seq_chunk=self.loss_spec.seq_chunk,
+                                       vocab_chunk=self.loss_spec.vocab_chunk)
             old_logp.append(lp)
             entropy.append(ent)
         old_logp_NxL = np.asarray(jnp.concatenate(old_logp), np.float32)
@@ -193,10 +203,12 @@ class CISPOTrainer(TrainLoop):
                 mask = batch["mask_NxL"][rows]
                 denom = token_normalizer(jnp.asarray(mask), jnp.asarray(group_ids), normalization=c.normalization,
                                          num_groups=len(groups))
-                mb = as_batch({"tokens_BxL": batch["tokens_NxL"][rows], "valid_BxL": batch["valid_NxL"][rows],
-                               "mask_BxL": mask, "old_logp_BxL": old_logp_NxL[rows],
-                               "adv_B": batch["adv_N"][rows].astype(np.float32),
-                               "denom_B": np.asarray(denom)}, self.mesh)
+                arrays = {"tokens_BxL": batch["tokens_NxL"][rows], "valid_BxL": batch["valid_NxL"][rows],
+                          "mask_BxL": mask, "old_logp_BxL": old_logp_NxL[rows],
+                          "adv_B": batch["adv_N"][rows].astype(np.float32), "denom_B": np.asarray(denom)}
+                if replay is not None:
+                    arrays["routed_experts_BxLxNxK"] = replay[rows]
+                mb = as_batch(arrays, self.mesh)
                 self.params, self.opt_state, stats = update_step(
                     self.params, self.opt_state, mb, c.entropy_coef_at(step), self.model.frozen,
                     graphdef=self.model.graphdef,

@@ -280,7 +280,9 @@ class RolloutSpec(_Section):
 class CispoSpec(_Section):
     """The policy loss. `eps_low`/`eps_high` are offsets of the IS-weight clip [1 − eps_low, 1 + eps_high]
     (eps_low None: no lower bound); grpo_clip defaults both to 0.2. `entropy_coef` β₀ decays linearly to 0 over
-    `entropy_decay_steps` (None: constant). `advantage_std: none` divides advantages by no std."""
+    `entropy_decay_steps` (None: constant). `advantage_std: none` divides advantages by no std. `routing_replay`:
+    the engine records each rollout token's routed experts and the π_old and update forwards use them instead of
+    their own top-k (the policy gradient then follows the routing that produced the sample)."""
 
     loss: Literal["cispo", "grpo_clip"] = "cispo"
     eps_low: Float | None = Field(None, gt=0, lt=1)
@@ -296,6 +298,7 @@ class CispoSpec(_Section):
     router_aux_loss_coef: Float = Field(0.0, ge=0)
     entropy_coef: Float = Field(0.0, ge=0)
     entropy_decay_steps: PosInt | None = None
+    routing_replay: bool = False  # record the rollout's routed experts; π_old and the updates replay them
 
     def entropy_coef_at(self, step: int) -> float:
         """β at rollout step `step` (1-based): β₀ · max(0, 1 − (step − 1) / entropy_decay_steps), or β₀."""
