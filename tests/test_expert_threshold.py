@@ -172,3 +172,38 @@ def test_threshold_input_errors_name_the_problem():
         model(t, expert_threshold=jnp.ones(2), routed_experts=jnp.zeros((2, 4, 4, 2), jnp.int32))
     with pytest.raises(ValueError, match="return_routing"):
         model(t, return_routing="yes")
+
+
+def test_scheduler_requests_with_thresholds_equal_generate_alone_with_routing_logs():
+    """Requests with different thresholds share the scheduler's slots; each request's greedy tokens and routed
+    experts equal `Engine.generate` of its prompt alone with its threshold, and its routing log adds up."""
+    from m1jax.generation import Engine
+    from m1jax.sampling import SamplingParams
+    from m1jax.serving import Request, Scheduler
+
+    c = config()
+    model = MiniMaxM1(c, rngs=nnx.Rngs(4))
+    engine = Engine(model, prefill_chunk=16)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, stop_token_ids=(), repetition_stop=None)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 500, n).tolist() for n in (5, 19, 9)]
+    taus = [1.0, 0.6, 0.75]
+    sched = Scheduler(engine, slots=2, context_window=64, prefill_chunk=16, decode_steps=4)
+    outs = sched.run([Request(prompt=p, sampling=greedy, expert_threshold=t, return_routed_experts=i > 0)
+                      for i, (p, t) in enumerate(zip(prompts, taus, strict=True))])
+    k, n_layers = c.num_experts_per_tok, c.num_hidden_layers
+    for i, (p, t, out) in enumerate(zip(prompts, taus, outs, strict=True)):
+        [ref] = engine.generate([p], greedy, expert_threshold=t, return_routed_experts=True)
+        assert out.tokens == ref.tokens
+        assert (out.routed_experts is None) == (i == 0)
+        if out.routed_experts is not None:
+            np.testing.assert_array_equal(out.routed_experts, ref.routed_experts)
+        log = out.routing
+        assert log["tokens"] == len(p) + len(out.tokens) and len(log["layers"]) == n_layers
+        kept = (ref.routed_experts >= 0).sum(axis=(0, 2))
+        per = moe.expert_flops_per_assignment(c)
+        for j, layer in enumerate(log["layers"]):
+            assert sum(layer["tokens_per_expert"]) == kept[j]
+            assert sum(layer["experts_used_frac"]) == pytest.approx(1.0)
+            assert layer["expert_flops"] + layer["expert_flops_saved"] == log["tokens"] * k * per
+        assert (log["expert_flops_saved"] > 0) == (t < 1.0)

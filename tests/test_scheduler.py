@@ -169,7 +169,7 @@ def test_concurrent_generate_calls_with_stop_strings_do_not_cross_talk(engine, t
     (dict(prompt=[1] * 60), "context_window 64"),
     (dict(top_logprobs=21), "top_logprobs"),
     (dict(thinking_budget=-1), "thinking_budget"),
-    (dict(expert_threshold=0.5), "expert_threshold"),
+    (dict(expert_threshold=0.0), "expert_threshold"),
     (dict(expert_threshold=1.5), "expert_threshold"),
     (dict(sampling="greedy"), "sampling"),
     (dict(request_id=7), "request_id"),

@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -528,28 +529,52 @@ def expert_flops_per_assignment(config: ModelConfig) -> int:
     return 6 * config.hidden_size * config.intermediate_size
 
 
-def routing_stats(probs_TxE, experts_TxK, valid_T=None, *, flops_per_assignment: int = 0) -> dict[str, jax.Array]:
+def routing_stats(probs_TxE, experts_TxK, valid_T=None, *, flops_per_assignment: int = 0,
+                  num_experts: int | None = None) -> dict[str, jax.Array]:
     """The routing log of one MoE layer, over valid tokens only (`experts_TxK` as `route` returns them: id E for
-    a dropped choice):
+    a dropped choice, or `NO_EXPERT`):
 
-    tokens_per_expert `[E]` (kept assignments; Σ = kept assignments), mean_prob `[E]`, num_tokens, the Switch
-    load-balancing loss aux = E · Σ_e (tokens_e / T) · mean_prob_e, experts_used_frac `[k]` (fraction of tokens
-    that used j + 1 experts; Σ = 1), expert_flops (kept assignments × `flops_per_assignment`),
-    expert_flops_saved (dropped assignments × the same), and routed_experts `[T, k]` int32 (the expert of each
-    choice, `NO_EXPERT` where dropped; padding included).
+    tokens_per_expert `[E]` (kept assignments; Σ = kept assignments), num_tokens, experts_used_frac `[k]`
+    (fraction of tokens that used j + 1 experts; Σ = 1), expert_flops (kept assignments × `flops_per_assignment`),
+    expert_flops_saved (dropped assignments × the same), routed_experts `[T, k]` int32 (the expert of each
+    choice, `NO_EXPERT` where dropped; padding included), and with the router probabilities `probs_TxE` (None:
+    routing recorded earlier, E = `num_experts`) mean_prob `[E]` and the Switch load-balancing loss
+    aux = E · Σ_e (tokens_e / T) · mean_prob_e.
     """
-    e = probs_TxE.shape[1]
-    k = experts_TxK.shape[1]
-    w_T = jnp.ones(probs_TxE.shape[0], jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
+    e = probs_TxE.shape[1] if probs_TxE is not None else num_experts
+    t, k = experts_TxK.shape
+    w_T = jnp.ones(t, jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(w_T), 1.0)
-    kept_TxK = experts_TxK < e
+    kept_TxK = (experts_TxK >= 0) & (experts_TxK < e)
     tokens_E = jnp.sum(jax.nn.one_hot(experts_TxK, e, dtype=jnp.float32) * w_T[:, None, None], axis=(0, 1))
-    mean_prob_E = jnp.sum(probs_TxE * w_T[:, None], axis=0) / n
     used_T = jnp.sum(kept_TxK, axis=1)
     used_K = jnp.sum(jax.nn.one_hot(used_T - 1, k, dtype=jnp.float32) * w_T[:, None], axis=0) / n
     kept = jnp.sum(kept_TxK * w_T[:, None])
-    return {"tokens_per_expert": tokens_E, "mean_prob": mean_prob_E, "num_tokens": jnp.sum(w_T),
-            "aux_loss": e * jnp.sum(tokens_E / n * mean_prob_E), "experts_used_frac": used_K,
-            "expert_flops": kept * float(flops_per_assignment),
-            "expert_flops_saved": (jnp.sum(w_T) * k - kept) * float(flops_per_assignment),
-            "routed_experts": jnp.where(kept_TxK, experts_TxK, NO_EXPERT).astype(jnp.int32)}
+    stats = {"tokens_per_expert": tokens_E, "num_tokens": jnp.sum(w_T), "experts_used_frac": used_K,
+             "expert_flops": kept * float(flops_per_assignment),
+             "expert_flops_saved": (jnp.sum(w_T) * k - kept) * float(flops_per_assignment),
+             "routed_experts": jnp.where(kept_TxK, experts_TxK, NO_EXPERT).astype(jnp.int32)}
+    if probs_TxE is not None:
+        mean_prob_E = jnp.sum(probs_TxE * w_T[:, None], axis=0) / n
+        stats.update(mean_prob=mean_prob_E, aux_loss=e * jnp.sum(tokens_E / n * mean_prob_E))
+    return stats
+
+
+def routing_log(routed_TxNxK, config: ModelConfig) -> dict:
+    """The routing log of recorded routing (`[tokens, layers, k]`, `NO_EXPERT` = dropped; e.g. one request's
+    tokens): per layer the `routing_stats` counts (tokens_per_expert, experts_used_frac, expert_flops,
+    expert_flops_saved) as plain Python numbers and lists, plus the totals over layers — JSON-ready."""
+    routed = np.asarray(routed_TxNxK, np.int32)
+    t, _, k = routed.shape
+    flops = expert_flops_per_assignment(config)
+    layers = []
+    for i in range(routed.shape[1]):
+        s = routing_stats(None, jnp.asarray(routed[:, i]), num_experts=config.num_local_experts)
+        tokens_E = [int(x) for x in np.asarray(s["tokens_per_expert"])]
+        kept = sum(tokens_E)  # FLOPs from the integer counts (exact, unlike an fp32 product)
+        layers.append({"tokens_per_expert": tokens_E,
+                       "experts_used_frac": [float(x) for x in np.asarray(s["experts_used_frac"])],
+                       "expert_flops": kept * flops, "expert_flops_saved": (t * k - kept) * flops})
+    return {"tokens": int(routed.shape[0]), "layers": layers,
+            "expert_flops": sum(x["expert_flops"] for x in layers),
+            "expert_flops_saved": sum(x["expert_flops_saved"] for x in layers)}

@@ -25,6 +25,11 @@ Design (the model and the cache format stay those of `Engine`):
   stop tokens, length, repetition, thinking budgets and top log-probs all happen there. Between bursts the
   host detokenizes incrementally (`RowText`, UTF-8-safe), checks stop strings, streams `Delta`s, frees the
   slots of finished and cancelled requests and admits waiting ones.
+* Routing: each slot decodes with its request's `expert_threshold` (`sp["expert_threshold_B"]`); the prefill
+  chunks and decode bursts record every token's routed experts, from which `RequestOutput.routing` (the
+  request's routing log, `moe.routing_log`) and, when asked, `RequestOutput.routed_experts` are made. Requests
+  with a threshold < 1 or asking for routed experts skip the prefix cache (it holds exact-routing states and no
+  routing record); for the others its restored and block prefills are not in the routing log.
 
 So a request's greedy tokens equal those of `Engine.generate` of its prompt alone, and its log-probs agree to
 fp32 rounding (different prefill chunking and slot placement change summation order only).
@@ -57,11 +62,13 @@ from m1jax.generation import (
     _decode_loop,
     _forward_chunk,
     _round_up,
+    expert_thresholds,
     prefill_layout,
     reasoning_count,
     sampling_arrays,
     to_host,
 )
+from m1jax.modules.moe import routing_log
 from m1jax.prefix_cache import PrefixCache, RowPrefill, row_slots
 from m1jax.sampling import SamplingParams
 
@@ -97,7 +104,10 @@ class Delta:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """The finished request (fields as in `scheduler_contract.md`)."""
+    """The finished request (fields as in `scheduler_contract.md`). `routing`: the routing log of the tokens the
+    request ran through the model (prompt and generated; `moe.routing_log`: per layer tokens per expert, the
+    fractions of tokens that used 1 … k experts, expert FLOPs and FLOPs saved); `routed_experts` (when asked):
+    int32 `[prompt + generated tokens, layers, k]`, −1 for a dropped expert."""
 
     request_id: str
     prompt_tokens: int
@@ -186,6 +196,7 @@ class _Job:
     tokens: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
+    routed: list = dataclasses.field(default_factory=list)  # routed experts [n, layers, k] per prefill chunk / burst
 
 
 # ------------------------------------------------------------------------------------------ pool kernels
@@ -383,13 +394,7 @@ class Scheduler:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
             raise GenerationError(f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}], got {k!r}")
         [budget] = self.engine.thinking_budgets(request.thinking_budget, 1)
-        et = request.expert_threshold
-        if isinstance(et, bool) or not isinstance(et, (int, float)) or not 0 < et <= 1:
-            raise GenerationError(f"expert_threshold must be a number in (0, 1], got {et!r}")
-        if et != 1.0:
-            raise GenerationError("expert_threshold < 1 is not implemented yet (only 1.0, the exact top-2)")
-        if request.return_routed_experts:
-            raise GenerationError("return_routed_experts is not implemented yet")
+        expert_thresholds(request.expert_threshold, 1)  # GenerationError unless a number in (0, 1]
         if sp.stop_strings and self.engine.tokenizer is None:
             raise GenerationError("stop_strings need a tokenizer (Engine(model, tokenizer))")
         if request.request_id is not None and not isinstance(request.request_id, str):
@@ -413,7 +418,10 @@ class Scheduler:
             job = self._waiting.popleft()
         job.slot = self._jobs.index(None)
         self._jobs[job.slot] = job
-        if self.prefix_cache is not None:
+        # The prefix cache holds exact-routing states and no routing record: a request with a threshold, or one
+        # that wants every token's routed experts, is prefilled on its own.
+        if self.prefix_cache is not None and job.request.expert_threshold >= 1.0 \
+                and not job.request.return_routed_experts:
             job.prefill = RowPrefill(self.engine, job.prompt, block=self.prefill_chunk, capacity=self._row_slots,
                                      store=self.prefix_cache)
             self._prefilling = job
@@ -440,10 +448,13 @@ class Scheduler:
             return ran
         tokens, positions, valid, chunk = job.layout
         s = job.done_tokens
+        tau = expert_thresholds(job.request.expert_threshold, 1)
         with self.engine._on_mesh():
-            job.row_cache, job.row_logits = _forward_chunk(
+            job.row_cache, job.row_logits, routed = _forward_chunk(
                 self.engine.graphdef, self.engine.params, job.row_cache, jnp.asarray(tokens[:, s:s + chunk]),
-                jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]))
+                jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]),
+                None if tau is None else jnp.asarray(tau), record=True)
+        job.routed.append(to_host(routed)[0][valid[0, s:s + chunk]])
         job.done_tokens += chunk
         if job.done_tokens >= tokens.shape[1]:
             self._join_pool(job)
@@ -481,6 +492,9 @@ class Scheduler:
                                  budgets=[j.budget if j else None for j in live], think=self.engine.think_tokens(),
                                  stop_width=8)
             sp["out_capacity"] = np.zeros((self.decode_steps,), np.int8)
+            tau = expert_thresholds([j.request.expert_threshold if j else 1.0 for j in live], len(live))
+            if tau is not None:
+                sp["expert_threshold_B"] = tau
             self._sp = jax.device_put(sp)
         return self._sp
 
@@ -500,7 +514,7 @@ class Scheduler:
         with self.engine._on_mesh():
             outs, self._state, prog = _decode_loop(
                 self.engine.graphdef, n_top, self.engine._decode_params(self.slots), self._state, before,
-                self._sampling(), jnp.asarray(self.decode_steps, jnp.int32))
+                self._sampling(), jnp.asarray(self.decode_steps, jnp.int32), record=True)
         outs, prog, length = jax.tree.map(lambda x: np.array(to_host(x)), (outs, prog, self._state.cache.length))
         self._length = int(length)
         n_new = prog.n_gen_B - before.n_gen_B
@@ -527,6 +541,7 @@ class Scheduler:
         job.tokens += new_tokens
         job.logprobs += new_lps
         job.top += new_top
+        job.routed.append(outs["routed_experts"][i, :len(new_tokens)])
         self._generated += len(new_tokens)
         delta = Delta(token_ids=new_tokens, logprobs=new_lps, top_logprobs=new_top if k else None, text="",
                       finish_reason=None)
@@ -549,9 +564,14 @@ class Scheduler:
         delta = delta or Delta(token_ids=[], logprobs=[], top_logprobs=[] if k else None, text="", finish_reason=None)
         delta.text, delta.finish_reason = (text or "")[job.emitted:], reason
         reasoning = reasoning_count(int(self._prog.reasoning_B[job.slot]), len(job.tokens)) if job.live else 0
+        c = self.config
+        routed = np.concatenate(job.routed or [np.zeros((0, c.num_hidden_layers, c.num_experts_per_tok))]
+                                ).astype(np.int32)
         out = RequestOutput(request_id=job.request.request_id, prompt_tokens=len(job.prompt), tokens=job.tokens,
                             logprobs=job.logprobs, top_logprobs=job.top if k else None, text=text,
-                            finish_reason=reason, reasoning_tokens=reasoning, cached_tokens=job.cached_tokens)
+                            finish_reason=reason, reasoning_tokens=reasoning, cached_tokens=job.cached_tokens,
+                            routing=routing_log(routed, c),
+                            routed_experts=routed if job.request.return_routed_experts else None)
         if job.slot is not None:
             self._prog.finished_B[job.slot] = True
             self._jobs[job.slot] = None
