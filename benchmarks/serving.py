@@ -14,8 +14,8 @@ requests/s). Times are wall seconds from a request's arrival:
 Static batching takes the requests in arrival order, `--slots` at a time: a batch starts when the previous one
 finished and its last request has arrived, and decodes until its longest request is done (transformers the
 same, left-padded; each request counts only its own budget). Nothing is compiled while timed: the scheduler
-serves `--slots` short requests first (its shapes do not depend on the requests), static batching runs every
-batch once untimed (each batch has its own shapes), transformers runs one warm-up batch. Prints a markdown
+serves the whole workload once untimed first, static batching runs every batch once untimed (each batch has its
+own shapes), transformers runs one warm-up batch. Prints a markdown
 table.
 
     python benchmarks/serving.py [--preset bench-small] [--requests 24] [--rate 2] [--slots 8] [--seed 0]
@@ -81,30 +81,30 @@ def wait_until(t0: float, at: float) -> None:
 
 
 def run_continuous(engine: Engine, work: list[Work], slots: int, chunk: int, decode_steps: int) -> list[list[float]]:
-    """Token times (seconds after the start) of every request served by the scheduler's background thread."""
+    """Token times (seconds after the start) of every request served by the scheduler's background thread. The
+    workload runs twice on the same scheduler and the second run is timed (the first compiles every shape the
+    arrivals lead to: how many newcomers share a prefill step varies)."""
     window = max(len(w.prompt) + w.new for w in work)
     scheduler = Scheduler(engine, slots=slots, context_window=window, prefill_chunk=chunk, decode_steps=decode_steps)
     scheduler.start()
     try:
-        warm = [Request(prompt=w.prompt, sampling=greedy(min(w.new, 2 * decode_steps))) for w in work[:slots]]
-        for h in [scheduler.submit(r) for r in warm]:  # compiles the pool's and the prefill's shapes
-            h.result()
-        times: list[list[float]] = [[] for _ in work]
-        threads = []
-        t0 = time.perf_counter()
+        for _ in range(2):
+            times: list[list[float]] = [[] for _ in work]
+            threads = []
+            t0 = time.perf_counter()
 
-        def watch(i, handle):
-            for d in handle.deltas():
-                now = time.perf_counter() - t0
-                times[i].extend([now] * len(d.token_ids))
+            def watch(i, handle, t0=t0, times=times):
+                for d in handle.deltas():
+                    now = time.perf_counter() - t0
+                    times[i].extend([now] * len(d.token_ids))
 
-        for i, w in enumerate(work):
-            wait_until(t0, w.arrival)
-            h = scheduler.submit(Request(prompt=w.prompt, sampling=greedy(w.new)))
-            threads.append(threading.Thread(target=watch, args=(i, h)))
-            threads[-1].start()
-        for t in threads:
-            t.join()
+            for i, w in enumerate(work):
+                wait_until(t0, w.arrival)
+                h = scheduler.submit(Request(prompt=w.prompt, sampling=greedy(w.new)))
+                threads.append(threading.Thread(target=watch, args=(i, h)))
+                threads[-1].start()
+            for t in threads:
+                t.join()
     finally:
         scheduler.shutdown()
     return times
