@@ -87,14 +87,16 @@ def main() -> None:
                 with bf16_head() if head == "bf16" else contextlib.nullcontext():
                     ms = trainer.run(resume=False)
                 trainer.close()
-                rows.append([head, "on" if replay else "off",
-                             *(f"{np.mean([m[k] for m in ms]):.5g}" for k in METRICS),
+                mean = {k: float(np.mean([m[k] for m in ms])) for k in METRICS}
+                rows.append([head, "on" if replay else "off", f"{1 - mean['sampler_trainer_corr']:.2e}",
+                             f"{1 - mean['logp_corr']:.2e}", f"{mean['logp_abs_diff_mean']:.3e}",
+                             f"{mean['logp_abs_diff_max']:.3e}",
                              f"{np.mean([m['reward_mean'] for m in ms]):.3f}"])
     print(machine())
     print(f"reverse-3 policy after {args.pretrain_steps} fp32 CISPO steps (reward {reward:.3f} over the last 10), "
           f"measured in bf16 compute over {args.steps} steps × {cfg.rollout.num_prompts * cfg.rollout.group_size} "
           "rollouts")
-    print(table(["LM head", "replay", "p corr", "log p corr", "mean |Δlogp|", "mean per-seq max |Δlogp|",
+    print(table(["LM head", "replay", "1 − p corr", "1 − log p corr", "mean |Δlogp|", "mean per-seq max |Δlogp|",
                  "reward"], rows))
 
 
