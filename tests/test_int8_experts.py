@@ -238,8 +238,8 @@ def test_unstacked_int8_experts_split_weights_and_scales_per_expert(tiny_models)
 
 
 def test_generate_cli_quantizes_the_model(capsys):
-    rc = m1jax.cli.main(["generate", "--quantize", INT8, "--max-new-tokens", "3", "--temperature", "0",
-                         "--no-stream", "--prefill-chunk", "16"])
+    rc = m1jax.cli.main(["generate", "--preset", "tiny", "--quantize", INT8, "--max-new-tokens", "3",
+                         "--temperature", "0", "--no-stream", "--prefill-chunk", "16"])
     assert rc == 0, capsys.readouterr().err
     assert "3 generated" in capsys.readouterr().err
 
