@@ -42,12 +42,12 @@ def bench_config(small: bool) -> dict:
 CHILD = {
     "generate": """
 import json, sys
-from convert.synthetic import write_checkpoint
+from m1jax.convert.synthetic import write_checkpoint
 write_checkpoint(sys.argv[1], json.loads(sys.argv[2]), shard_bytes=2 * 10**9)
 """,
     "streaming convert": """
 import sys
-from convert.hf_to_m1jax import convert_checkpoint
+from m1jax.convert.hf_to_m1jax import convert_checkpoint
 convert_checkpoint(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False)
 """,
     "naive: load all + orbax save": """
@@ -62,7 +62,7 @@ ckptr.wait_until_finished()
 """,
     "streaming export": """
 import sys
-from convert.m1jax_to_hf import export_checkpoint
+from m1jax.convert.m1jax_to_hf import export_checkpoint
 export_checkpoint(sys.argv[1], sys.argv[2], progress=False)
 """,
 }
@@ -88,7 +88,7 @@ def write_sparse_m1(path: str, fixtures: str) -> int:
     import json
     import struct
 
-    from convert.hf_layout import ORIGINAL, expected_tensors
+    from m1jax.convert.hf_layout import ORIGINAL, expected_tensors
 
     config = json.load(open(os.path.join(fixtures, "config.json")))
     index = json.load(open(os.path.join(fixtures, "model.safetensors.index.json")))
@@ -125,8 +125,8 @@ def m1_shapes_run(workdir: str, fixtures: str, commits: int, workers: int) -> li
     if not os.path.isdir(fixtures):
         print(f"(skipping the real-shape run: no fixtures at {fixtures})")
         return None
-    from convert.hf_checkpoint import HFCheckpoint
-    from convert.hf_to_m1jax import BLOCK_BYTES, plan
+    from m1jax.convert.hf_checkpoint import HFCheckpoint
+    from m1jax.convert.hf_to_m1jax import BLOCK_BYTES, plan
 
     src, dst = os.path.join(workdir, "m1-sparse"), os.path.join(workdir, "m1-out")
     write_sparse_m1(src, fixtures)
@@ -151,7 +151,7 @@ def m1_shapes_run(workdir: str, fixtures: str, commits: int, workers: int) -> li
 
 
 def largest_tensor(src: str) -> tuple[str, int, int]:
-    from convert.hf_checkpoint import HFCheckpoint
+    from m1jax.convert.hf_checkpoint import HFCheckpoint
 
     ckpt = HFCheckpoint(src)
     infos = [ckpt.info(n) for n in ckpt.weight_map]

@@ -17,18 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's convert/, not ours
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(path: str, tokenizer_dir: str | None):
     """(model, tokenizer) of a training run (latest checkpoint) or a checkpoint directory."""
+    from m1jax.train.checkpointing import is_train_checkpoint_dir
+
     from m1jax.tokenizer import Tokenizer
-    from train.checkpointing import is_train_checkpoint_dir
 
     if is_train_checkpoint_dir(path):
-        from train.model_setup import build_model
-        from train.run_config import ModelSpec
-        from train.update import compute_model
+        from m1jax.train.model_setup import build_model
+        from m1jax.train.run_config import ModelSpec
+        from m1jax.train.update import compute_model
 
         if tokenizer_dir is None:
             sys.exit(f"{path} is a training run: pass --tokenizer DIR (the run config's `tokenizer`)")
@@ -41,7 +42,7 @@ def load(path: str, tokenizer_dir: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.tasks import arithmetic
+    from m1jax.train.tasks import arithmetic
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="training runs or checkpoint directories")

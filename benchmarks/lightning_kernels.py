@@ -38,12 +38,12 @@ if "--fla" in sys.argv or "--combine" in sys.argv:  # torch owns the GPU there; 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from m1jax.pallas_kernels.lightning import api, reference  # noqa: E402
+from m1jax.pallas_kernels.lightning.decode import lightning_decode_pallas  # noqa: E402
+from m1jax.pallas_kernels.lightning.prefill import lightning_attention_pallas  # noqa: E402
+from m1jax.pallas_kernels.lightning.tiling import choose_tiling  # noqa: E402
 
 from benchmarks.common import copy_bandwidth, machine, matmul_flops, table, timeit  # noqa: E402
-from pallas_kernels.lightning import api, reference  # noqa: E402
-from pallas_kernels.lightning.decode import lightning_decode_pallas  # noqa: E402
-from pallas_kernels.lightning.prefill import lightning_attention_pallas  # noqa: E402
-from pallas_kernels.lightning.tiling import choose_tiling  # noqa: E402
 
 M1_HEADS, M1_HEAD_DIM = 64, 128
 FLOP_BLOCK = 64

@@ -4,7 +4,7 @@ bf16 one, with and without routing replay (the M1 report: 0.987 → 0.997 probab
 1. Pretrain: the reverse-3 example (`configs/train/cispo_reverse3.yaml`, fp32) for `--pretrain-steps` CISPO steps.
 2. Measure: the same policy (those parameters) in bf16 compute (fp32 masters cast to bf16), `--steps` trainer steps
    with a negligible learning rate, for each of: head fp32 | bf16 × replay off | on. Each step samples fresh
-   rollouts with the engine and the trainer logs the mismatch meter (`train.logprobs.probability_agreement`)
+   rollouts with the engine and the trainer logs the mismatch meter (`m1jax.train.logprobs.probability_agreement`)
    between the engine's log-probs and π_old (the trainer's forward at the same parameters): correlation of p and
    of log p, mean |Δ log p| over response tokens and the mean over sequences of its per-sequence max.
    The bf16 head (for this measurement only; the model's head is always fp32) replaces `lm_head_logits` by a
@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from m1jax.train.cispo_trainer import CISPOTrainer
+from m1jax.train.run_config import load_run_config
 
 from benchmarks.common import machine, table
 from m1jax.model import MiniMaxM1
 from m1jax.modules.unfused import linear
-from train.cispo_trainer import CISPOTrainer
-from train.run_config import load_run_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "train" / "cispo_reverse3.yaml"
 METRICS = ("sampler_trainer_corr", "logp_corr", "logp_abs_diff_mean", "logp_abs_diff_max")

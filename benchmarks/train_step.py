@@ -18,9 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from m1jax.train.cispo_trainer import CISPOTrainer  # noqa: E402
+from m1jax.train.run_config import load_run_config  # noqa: E402
+
 from benchmarks.common import machine, table  # noqa: E402
-from train.cispo_trainer import CISPOTrainer  # noqa: E402
-from train.run_config import load_run_config  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "train",
                        "cispo_reverse3.yaml")
@@ -64,9 +65,10 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int) -> list:
 
 def bare_generation_time(trainer, cfg, repeat: int) -> float:
     """Median seconds of the engine alone generating one step's rollout batch (compiled already)."""
+    from m1jax.train.rollout import sample_groups
+    from m1jax.train.update import compute_model
+
     from m1jax.generation import Engine
-    from train.rollout import sample_groups
-    from train.update import compute_model
 
     prompts = [p.ids for p in trainer.data.next_batch(cfg.rollout.num_prompts)]
     engine = Engine(compute_model(trainer.model.graphdef, trainer.params, trainer.model.param_dtypes),

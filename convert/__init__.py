@@ -7,12 +7,12 @@ Public entry points (imported lazily): `convert_checkpoint`, `export_checkpoint`
 import importlib
 
 _EXPORTS = {
-    "convert_checkpoint": "convert.hf_to_m1jax",
-    "export_checkpoint": "convert.m1jax_to_hf",
-    "export_model": "convert.m1jax_to_hf",
-    "ConvertError": "convert.errors",
-    "IncompleteCheckpointError": "convert.errors",
-    "CheckpointError": "convert.hf_checkpoint",
+    "convert_checkpoint": "m1jax.convert.hf_to_m1jax",
+    "export_checkpoint": "m1jax.convert.m1jax_to_hf",
+    "export_model": "m1jax.convert.m1jax_to_hf",
+    "ConvertError": "m1jax.convert.errors",
+    "IncompleteCheckpointError": "m1jax.convert.errors",
+    "CheckpointError": "m1jax.convert.hf_checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ from m1jax.config import QUANTIZE_MODES
 
 def cmd_convert(args) -> int:
     """HF checkpoint directory → m1jax checkpoint (orbax parameters + config + tokenizer files)."""
-    from convert.hf_to_m1jax import BLOCK_BYTES, convert_checkpoint
+    from m1jax.convert.hf_to_m1jax import BLOCK_BYTES, convert_checkpoint
 
     dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, workers=args.workers, progress=not args.quiet,
                              block_bytes=args.block_bytes or BLOCK_BYTES, quantize=args.quantize)
@@ -21,13 +21,14 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     """m1jax checkpoint or training run (its latest checkpoint) → HF safetensors in the original M1 layout."""
-    from convert.m1jax_to_hf import export_checkpoint, export_model
-    from train.checkpointing import is_train_checkpoint_dir
+    from m1jax.convert.m1jax_to_hf import export_checkpoint, export_model
+    from m1jax.train.checkpointing import is_train_checkpoint_dir
 
     if is_train_checkpoint_dir(args.src):
+        from m1jax.train.model_setup import build_model
+        from m1jax.train.run_config import ModelSpec, RunConfigError
+
         from m1jax.errors import UserError
-        from train.model_setup import build_model
-        from train.run_config import ModelSpec, RunConfigError
 
         if args.tokenizer is None:
             raise UserError(f"{args.src} is a training run, which holds no tokenizer: pass --tokenizer DIR (the run "

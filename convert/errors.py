@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from convert.hf_checkpoint import CheckpointError
-from convert.safetensors_io import SafetensorsError
+from m1jax.convert.hf_checkpoint import CheckpointError
+from m1jax.convert.safetensors_io import SafetensorsError
 
 
 class ConvertError(ValueError):

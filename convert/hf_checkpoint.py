@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from m1jax.convert.hf_layout import ParamSpec, detect_layout, expected_tensors, is_ignored, param_specs
+from m1jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 
-from convert.hf_layout import ParamSpec, detect_layout, expected_tensors, is_ignored, param_specs
-from convert.safetensors_io import SafetensorsError, SafetensorsFile
 from m1jax.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from m1jax.convert.array_copy import contiguous_copy, copy_into
 
-from convert.array_copy import contiguous_copy, copy_into
 from m1jax.config import LIGHTNING, ModelConfig
 
 ORIGINAL = "original"

@@ -29,14 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.array_utils import byte_bounds
-
-from convert.array_copy import contiguous_copy
-from convert.errors import ConvertError
-from convert.hf_checkpoint import SAFETENSORS_DTYPE_NAMES, HFCheckpoint, copy_tokenizer_files
-from convert.hf_layout import ParamSpec
-from convert.journal import Journal, describe_differences
-from convert.m1jax_checkpoint import (
+from m1jax.convert.array_copy import contiguous_copy
+from m1jax.convert.errors import ConvertError
+from m1jax.convert.hf_checkpoint import SAFETENSORS_DTYPE_NAMES, HFCheckpoint, copy_tokenizer_files
+from m1jax.convert.hf_layout import ParamSpec
+from m1jax.convert.journal import Journal, describe_differences
+from m1jax.convert.m1jax_checkpoint import (
     ABSENT,
     COMPLETE,
     EMPTY,
@@ -48,9 +46,11 @@ from convert.m1jax_checkpoint import (
     PARAMS,
     directory_state,
 )
-from convert.orbax_store import OrbaxArrayStore, array_key, fsync_dir, write_json_atomic
-from convert.progress import human_bytes, progress_bar
-from convert.safetensors_io import DTYPE_NAMES, DTYPES
+from m1jax.convert.orbax_store import OrbaxArrayStore, array_key, fsync_dir, write_json_atomic
+from m1jax.convert.progress import human_bytes, progress_bar
+from m1jax.convert.safetensors_io import DTYPE_NAMES, DTYPES
+from numpy.lib.array_utils import byte_bounds
+
 from m1jax.config import QUANTIZE_MODES
 from m1jax.quantize import is_expert_weight_path, quantize_int8, scale_path
 

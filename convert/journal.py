@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from convert.errors import ConvertError
-from convert.orbax_store import fsync_dir
+from m1jax.convert.errors import ConvertError
+from m1jax.convert.orbax_store import fsync_dir
 
 KIND = "m1jax-convert-journal"
 VERSION = 1

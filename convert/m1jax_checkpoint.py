@@ -20,10 +20,11 @@ import json
 import os
 from pathlib import Path
 
-from convert.errors import IncompleteCheckpointError
-from convert.hf_checkpoint import CheckpointError
-from convert.hf_layout import ORIGINAL, param_specs
-from convert.orbax_store import ArrayView, OrbaxArrayStore, array_key
+from m1jax.convert.errors import IncompleteCheckpointError
+from m1jax.convert.hf_checkpoint import CheckpointError
+from m1jax.convert.hf_layout import ORIGINAL, param_specs
+from m1jax.convert.orbax_store import ArrayView, OrbaxArrayStore, array_key
+
 from m1jax.config import QUANTIZE_MODES, ModelConfig
 from m1jax.quantize import is_expert_weight_path, scale_path
 

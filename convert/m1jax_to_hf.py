@@ -20,14 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from m1jax.convert.errors import ConvertError
+from m1jax.convert.hf_checkpoint import INDEX, copy_tokenizer_files
+from m1jax.convert.hf_layout import ORIGINAL, ParamSpec, param_specs
+from m1jax.convert.hf_to_m1jax import NUMPY_DTYPES, canonical_dtype
+from m1jax.convert.m1jax_checkpoint import M1jaxCheckpoint
+from m1jax.convert.progress import progress_bar
+from m1jax.convert.safetensors_io import SafetensorsWriter
 
-from convert.errors import ConvertError
-from convert.hf_checkpoint import INDEX, copy_tokenizer_files
-from convert.hf_layout import ORIGINAL, ParamSpec, param_specs
-from convert.hf_to_m1jax import NUMPY_DTYPES, canonical_dtype
-from convert.m1jax_checkpoint import M1jaxCheckpoint
-from convert.progress import progress_bar
-from convert.safetensors_io import SafetensorsWriter
 from m1jax.config import ModelConfig
 from m1jax.quantize import dequantize_views
 

@@ -176,7 +176,7 @@ class SafetensorsWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Append the next declared tensor (any strides; cast to the declared dtype block by block)."""
-        from convert.array_copy import contiguous_copy
+        from m1jax.convert.array_copy import contiguous_copy
 
         if self._next >= len(self._pending):
             raise SafetensorsError(f"{self.path}: tensor {name!r} was not declared in the header")

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from m1jax.convert.hf_layout import ORIGINAL, expected_tensors
+from m1jax.convert.safetensors_io import DTYPES, write_safetensors
 
-from convert.hf_layout import ORIGINAL, expected_tensors
-from convert.safetensors_io import DTYPES, write_safetensors
 from m1jax.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"

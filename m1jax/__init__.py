@@ -4,8 +4,17 @@ Public names are imported lazily, so `import m1jax.tokenizer` does not pull in t
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# In a source checkout the design card's folders convert/, train/ and pallas_kernels/ sit beside m1jax/ and are
+# imported as m1jax.convert, m1jax.train, m1jax.pallas_kernels (an installed wheel has them inside m1jax/).
+_SUBFOLDERS = ("convert", "train", "pallas_kernels")
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "convert")) and all(
+        os.path.isfile(os.path.join(_root, d, "__init__.py")) for d in _SUBFOLDERS):
+    __path__.append(_root)
 
 _EXPORTS = {
     "ModelConfig": "m1jax.config",
@@ -17,7 +26,7 @@ _EXPORTS = {
     "init_cache": "m1jax.cache",
     "cache_memory": "m1jax.cache",
     "from_pretrained": "m1jax.loading",
-    "export_model": "convert.m1jax_to_hf",
+    "export_model": "m1jax.convert.m1jax_to_hf",
     "init_sharded": "m1jax.loading",
     "abstract_sharded_model": "m1jax.loading",
     "abstract_cache": "m1jax.cache",

@@ -387,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="probe token seed")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
-    from convert.cli import add_subcommands
+    from m1jax.convert.cli import add_subcommands
     add_subcommands(sub)
-    from train.cli import add_subcommands as add_train_subcommands
+    from m1jax.train.cli import add_subcommands as add_train_subcommands
     add_train_subcommands(sub)
     return parser
 

@@ -10,10 +10,10 @@ class UserError(Exception):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every exception type that means bad user input: configs, checkpoints, conversions, run configs, data,
     generation requests, and OS errors on the paths given (missing, not a directory, no permission)."""
-    from convert.errors import USER_ERRORS
     from m1jax.config import ConfigError
+    from m1jax.convert.errors import USER_ERRORS
     from m1jax.generation import GenerationError
-    from train.data_sources import DataError
-    from train.run_config import RunConfigError
+    from m1jax.train.data_sources import DataError
+    from m1jax.train.run_config import RunConfigError
 
     return (UserError, ConfigError, GenerationError, RunConfigError, DataError, OSError, *USER_ERRORS)

@@ -92,7 +92,7 @@ def transformers_model(model):
     Raises ValueError naming what transformers cannot reproduce (`reference_mismatches`) or any weight that
     does not fit.
     """
-    from convert.m1jax_to_hf import model_hf_tensors
+    from m1jax.convert.m1jax_to_hf import model_hf_tensors
 
     problems = reference_mismatches(model.config)
     if problems:

@@ -46,7 +46,7 @@ def stacked_views(config: ModelConfig, views: dict[tuple, object], stacked_paths
     """Per-layer `{path: numpy-indexable view}` → the model's paths: each stacked parameter a lazy `[G, ...]`
     stack of its layers' views (reading a region reads only those layers' regions). Paths that are already the
     model's pass through."""
-    from convert.hf_layout import LazyStack
+    from m1jax.convert.hf_layout import LazyStack
 
     table = _layer_table(config, stacked_paths)
     out, parts = {}, {}

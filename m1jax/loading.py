@@ -1,5 +1,5 @@
 """`from_pretrained`: build an `MiniMaxM1` from an HF checkpoint directory (either layout) or a converted m1jax
-checkpoint (orbax parameters, see `convert.m1jax_checkpoint`), optionally sharded.
+checkpoint (orbax parameters, see `m1jax.convert.m1jax_checkpoint`), optionally sharded.
 
 Parameters are created abstractly (no random init) and filled from lazy views over the memory-mapped
 safetensors shards. With a mesh, each device's shard is read directly (`jax.make_array_from_callback`), so no
@@ -122,11 +122,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
     quantize: "int8-experts" quantizes the routed experts' weights as they are read (`m1jax.quantize`: each
     device's region from the full input extent of its columns, one expert at a time, so no float copy of an
     expert stack is ever held); None loads the checkpoint as stored (int8 if `m1jax convert --quantize` made it).
-    On any mismatch between the weights and `config.json`, raises `convert.hf_checkpoint.CheckpointError`
+    On any mismatch between the weights and `config.json`, raises `m1jax.convert.hf_checkpoint.CheckpointError`
     listing every missing, unexpected and mis-shaped tensor; an interrupted conversion raises its subclass
-    `convert.errors.IncompleteCheckpointError`.
+    `m1jax.convert.errors.IncompleteCheckpointError`.
     """
-    from convert.m1jax_checkpoint import COMPLETE, INCOMPLETE, M1jaxCheckpoint, directory_state
+    from m1jax.convert.m1jax_checkpoint import COMPLETE, INCOMPLETE, M1jaxCheckpoint, directory_state
 
     path = Path(path)
     runtime = {"lightning_impl": lightning_impl, "moe_impl": moe_impl, "scan_layers": scan_layers, "remat": remat,
@@ -141,7 +141,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
             views = quantize_views(views)
         return build_from_views(config, views, mesh=mesh, rules=rules)
 
-    from convert.hf_checkpoint import HFCheckpoint
+    from m1jax.convert.hf_checkpoint import HFCheckpoint
 
     ckpt = HFCheckpoint(path)
     dtype = dtype or ckpt.main_dtype()

@@ -17,7 +17,7 @@ and cache are `jax.ShapeDtypeStruct`s carrying their `NamedSharding`, the step i
 Steps: `decode` = one iteration of the engine's decode loop (`generation._decode_loop`) with a cache of
 `context` slots; `prefill` = the engine's prefill step (`generation.forward_chunk`) over `context` tokens into
 an empty cache of `context` slots; `train` = one full fine-tuning step, the trainer's own
-`train.update.update_step`: the CISPO loss over `batch` sequences of `context` tokens (bf16 compute, fp32 head,
+`m1jax.train.update.update_step`: the CISPO loss over `batch` sequences of `context` tokens (bf16 compute, fp32 head,
 log-probs in chunks of `logprob_chunk` positions), its gradient (accumulated over `micro_batches`) and the AdamW
 update of the fp32 master weights (weights = the master copy, plus the optimizer's two fp32 moments per weight;
 the compute dtype is cast where each layer reads its weights, so no bf16 copy is held).
@@ -334,9 +334,9 @@ def lower_update_step(config, graphdef, params, batch: int, context: int, mesh, 
     sharded masters, optimizer state and a `[batch, context]` rollout batch with rows split over the batch axes."""
     import jax.numpy as jnp
 
-    from train.model_setup import compute_dtypes
-    from train.run_config import OptimizerSpec
-    from train.update import LossSpec, abstract_optimizer_state, update_step
+    from m1jax.train.model_setup import compute_dtypes
+    from m1jax.train.run_config import OptimizerSpec
+    from m1jax.train.update import LossSpec, abstract_optimizer_state, update_step
 
     if batch % micro_batches:
         raise PlanError(f"--micro-batches {micro_batches} must divide --batch {batch}")

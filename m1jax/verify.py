@@ -373,7 +373,7 @@ def verify(model, *, name: str = "model", reference: str | None = None, seq_len:
     """Run every check on `model` (an `MiniMaxM1`; it is compared in fp32, so pass it loaded in fp32 or it is
     cast) over `batch` random sequences of `seq_len` tokens (default: three chunks of 1.5 lightning blocks + 1,
     so blocks and chunks do not align). `reference`: None or "transformers"."""
-    from pallas_kernels.lightning.api import resolve_impl
+    from m1jax.pallas_kernels.lightning.api import resolve_impl
 
     if reference not in (None, "transformers"):
         raise ValueError(f"reference must be None or 'transformers', got {reference!r}")

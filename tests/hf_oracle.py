@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from m1jax.convert.safetensors_io import write_safetensors
 from transformers import MiniMaxForCausalLM
 
-from convert.safetensors_io import write_safetensors
 from m1jax.config import ModelConfig
 from m1jax.hf_reference import new_transformers_model
 

@@ -1,4 +1,4 @@
-"""Test helpers around `convert.synthetic`: the real MiniMax-M1 layout at tiny width, small checkpoints of any
+"""Test helpers around `m1jax.convert.synthetic`: the real MiniMax-M1 layout at tiny width, small checkpoints of any
 config, and surgery on written shards (drop / add / replace a tensor) for the bad-input tests."""
 
 from __future__ import annotations
@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from convert.safetensors_io import SafetensorsFile, write_safetensors
-from convert.synthetic import tiny_m1_config, write_checkpoint
+from m1jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from m1jax.convert.synthetic import tiny_m1_config, write_checkpoint
 
 INDEX = "model.safetensors.index.json"
 

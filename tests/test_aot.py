@@ -21,13 +21,13 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec
+from m1jax.pallas_kernels.lightning import api
 
 from m1jax import topology
 from m1jax.cache import abstract_cache
 from m1jax.config import LIGHTNING, SOFTMAX, ModelConfig
 from m1jax.loading import abstract_sharded_model
 from m1jax.sharding import make_mesh, named_sharding
-from pallas_kernels.lightning import api
 
 KERNEL_CALL = {"tpu": 'custom_call_target="tpu_custom_call"', "gpu": 'custom_call_target="__gpu$xla.gpu.triton"'}
 SKIP = {"tpu": pytest.mark.skipif(not topology.libtpu_available(), reason="libtpu is not importable (.[tpu])"),

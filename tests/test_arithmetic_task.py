@@ -6,10 +6,10 @@ import re
 
 import numpy as np
 import pytest
+from m1jax.train.tasks import arithmetic as ar
 
 from m1jax.demo import DEMO_VOCAB_SIZE, make_bpe_tokenizer_dir
 from m1jax.tokenizer import Tokenizer
-from train.tasks import arithmetic as ar
 
 ALL = [(op, a, b) for op in ar.OPS for a in range(10, 100) for b in range(10, 100)]
 

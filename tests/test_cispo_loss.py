@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from train.losses import (
+from m1jax.train.losses import (
     cispo_loss,
     cispo_loss_and_metrics,
     grpo_clip_loss,

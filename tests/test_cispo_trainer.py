@@ -16,22 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-
-from m1jax.config import DTYPES, LIGHTNING_IMPLS, MOE_IMPLS
-from m1jax.sharding import MESH_AXES, make_mesh
-from train.checkpointing import TrainCheckpointer
-from train.cispo_trainer import CISPOTrainer
-from train.data_sources import SftExamples
-from train.logprobs import probability_agreement, sequence_logprobs
-from train.loop import KILL_ENV, as_batch
-from train.losses import token_normalizer
-from train.metrics_log import read_metrics, strip_timing
-from train.model_setup import build_model
-from train.optim import schedule_horizon
-from train.reward_stage import build_reward_set, overlong_penalty, score_rollouts
-from train.rewards import RewardSet, make_code_reward
-from train.rollout import pack_rollouts, rollout_seed
-from train.run_config import (
+from m1jax.train.checkpointing import TrainCheckpointer
+from m1jax.train.cispo_trainer import CISPOTrainer
+from m1jax.train.data_sources import SftExamples
+from m1jax.train.logprobs import probability_agreement, sequence_logprobs
+from m1jax.train.loop import KILL_ENV, as_batch
+from m1jax.train.losses import token_normalizer
+from m1jax.train.metrics_log import read_metrics, strip_timing
+from m1jax.train.model_setup import build_model
+from m1jax.train.optim import schedule_horizon
+from m1jax.train.reward_stage import build_reward_set, overlong_penalty, score_rollouts
+from m1jax.train.rewards import RewardSet, make_code_reward
+from m1jax.train.rollout import pack_rollouts, rollout_seed
+from m1jax.train.run_config import (
     CispoSpec,
     OptimizerSpec,
     RewardsSpec,
@@ -40,9 +37,12 @@ from train.run_config import (
     load_run_config,
     parse_run_config,
 )
-from train.sandbox import SandboxLimits
-from train.tasks import reverse3
-from train.update import LossSpec, compute_model, forward_logprobs, update_step
+from m1jax.train.sandbox import SandboxLimits
+from m1jax.train.tasks import reverse3
+from m1jax.train.update import LossSpec, compute_model, forward_logprobs, update_step
+
+from m1jax.config import DTYPES, LIGHTNING_IMPLS, MOE_IMPLS
+from m1jax.sharding import MESH_AXES, make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "train" / "cispo_reverse3.yaml"
@@ -147,7 +147,7 @@ def test_run_config_schema_basics(tmp_path):
         build_reward_set(RewardsSpec.parse([{"name": "nope"}]))
     with pytest.raises(RunConfigError, match="cannot import"):
         build_reward_set(RewardsSpec.parse({"no_such_module_xyz:fn": 1.0}))
-    rs = build_reward_set(RewardsSpec.parse({"reverse3": 0.5, "train.reward_stage:reverse3_exact_reward": 2.0}))
+    rs = build_reward_set(RewardsSpec.parse({"reverse3": 0.5, "m1jax.train.reward_stage:reverse3_exact_reward": 2.0}))
     assert rs.weights == {"reverse3": 0.5, "reverse3_exact_reward": 2.0}
 
 
@@ -240,7 +240,7 @@ def test_cli_reports_the_bad_field(tmp_path, capsys):
 
 def test_learning_rate_schedule_warmup_and_cosine():
     """Warmup η·(t+1)/W (the first update is not a no-op), then cosine from η to η·r at the horizon."""
-    from train.optim import learning_rate_schedule
+    from m1jax.train.optim import learning_rate_schedule
 
     spec = OptimizerSpec.parse({"lr": 1e-3, "warmup_steps": 4, "schedule": "cosine", "min_lr_ratio": 0.1})
     lr = [float(learning_rate_schedule(spec, 104)(t)) for t in (0, 1, 3, 4, 54, 104, 200)]
@@ -342,7 +342,7 @@ def _small_optimizer() -> OptimizerSpec:
 
 
 def _step(bundle, params, batch, micro=1, mesh=None):
-    from train.update import init_optimizer_state
+    from m1jax.train.update import init_optimizer_state
 
     opt_spec = _small_optimizer()
     params = jax.tree.map(jnp.copy, params)  # update_step donates its inputs

@@ -25,15 +25,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from m1jax.convert.errors import ConvertError, IncompleteCheckpointError
+from m1jax.convert.hf_checkpoint import CheckpointError, HFCheckpoint
+from m1jax.convert.hf_to_m1jax import KILL_ENV, convert_checkpoint
+from m1jax.convert.m1jax_checkpoint import JOURNAL, MARKER, M1jaxCheckpoint
+from m1jax.convert.m1jax_to_hf import export_checkpoint, export_model, parse_size
+from m1jax.convert.orbax_store import OrbaxArrayStore
 from synthetic_checkpoint import add_tensor, edit_tensor, read_index, real_m1, write_m1_layout, write_small
 
 import m1jax.cli
-from convert.errors import ConvertError, IncompleteCheckpointError
-from convert.hf_checkpoint import CheckpointError, HFCheckpoint
-from convert.hf_to_m1jax import KILL_ENV, convert_checkpoint
-from convert.m1jax_checkpoint import JOURNAL, MARKER, M1jaxCheckpoint
-from convert.m1jax_to_hf import export_checkpoint, export_model, parse_size
-from convert.orbax_store import OrbaxArrayStore
 from m1jax.config import ModelConfig
 from m1jax.layer_stack import per_layer_arrays
 from m1jax.loading import abstract_model, from_pretrained
@@ -399,7 +399,7 @@ def test_progress_line_and_sizes(small_hf, tmp_path):
 
 
 def test_one_writer_at_a_time(tmp_path):
-    from convert.journal import Journal
+    from m1jax.convert.journal import Journal
 
     path = tmp_path / JOURNAL
     first = Journal.start(path, {"dtype": "bfloat16"}, {})

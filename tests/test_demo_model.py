@@ -28,12 +28,13 @@ def test_cli_tokenizer_without_model_is_one_line_error(capsys):
 def test_export_of_a_training_run_loads_with_the_same_logits(tmp_path):
     """`m1jax export RUN DST --tokenizer DIR` writes the HF original layout of the run's latest checkpoint:
     loading it gives the trained model's logits exactly (fp32)."""
+    from m1jax.train.model_setup import build_model
+    from m1jax.train.run_config import ModelSpec
+    from m1jax.train.update import compute_model
+
     from m1jax.cli import main
     from m1jax.loading import from_pretrained
     from m1jax.tokenizer import Tokenizer
-    from train.model_setup import build_model
-    from train.run_config import ModelSpec
-    from train.update import compute_model
 
     tok_dir = demo.make_bpe_tokenizer_dir(tmp_path / "tok", 512)
     data = tmp_path / "sft.jsonl"
@@ -61,8 +62,9 @@ def test_export_of_a_training_run_loads_with_the_same_logits(tmp_path):
 def test_shipped_demo_model_is_a_valid_hf_checkpoint():
     """m1jax/demo_model: the HF original layout (config.json, safetensors + index, tokenizer files) of a small
     MiniMax-architecture model with lightning and softmax layers and a routed MoE, whose tokenizer matches it."""
-    from convert.hf_layout import ORIGINAL, expected_tensors
-    from convert.safetensors_io import SafetensorsFile
+    from m1jax.convert.hf_layout import ORIGINAL, expected_tensors
+    from m1jax.convert.safetensors_io import SafetensorsFile
+
     from m1jax.config import ModelConfig
     from m1jax.tokenizer import Tokenizer
 
@@ -88,7 +90,7 @@ def test_shipped_demo_model_is_a_valid_hf_checkpoint():
 
 def test_shipped_demo_model_answers_held_out_questions():
     """The default model answers held-out questions (never trained on) greedily in M1's format, mostly right."""
-    from train.tasks import arithmetic
+    from m1jax.train.tasks import arithmetic
 
     model, tok = demo.load_default_model()
     rows = arithmetic.held_out_rows(tok, 9, seed=1)

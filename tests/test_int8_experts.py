@@ -12,13 +12,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from m1jax.convert.hf_checkpoint import HFCheckpoint
+from m1jax.convert.hf_to_m1jax import convert_checkpoint
+from m1jax.convert.m1jax_checkpoint import MARKER, M1jaxCheckpoint
+from m1jax.convert.m1jax_to_hf import export_checkpoint, export_model
 from synthetic_checkpoint import write_small
 
 import m1jax.cli
-from convert.hf_checkpoint import HFCheckpoint
-from convert.hf_to_m1jax import convert_checkpoint
-from convert.m1jax_checkpoint import MARKER, M1jaxCheckpoint
-from convert.m1jax_to_hf import export_checkpoint, export_model
 from m1jax.config import ConfigError, ModelConfig
 from m1jax.generation import generate
 from m1jax.loading import build_from_views, from_pretrained
@@ -309,15 +309,15 @@ def test_convert_quantize_then_load_and_export(small_hf, converted_int8, tmp_pat
 
 
 def test_convert_refuses_an_unknown_quantize(small_hf, tmp_path):
-    from convert.errors import ConvertError
+    from m1jax.convert.errors import ConvertError
 
     with pytest.raises(ConvertError, match="--quantize"):
         convert_checkpoint(small_hf, tmp_path / "x", quantize="int4", progress=False)
 
 
 def test_trainer_refuses_an_int8_checkpoint(converted_int8):
-    from train.model_setup import build_model
-    from train.run_config import ModelSpec, RunConfigError
+    from m1jax.train.model_setup import build_model
+    from m1jax.train.run_config import ModelSpec, RunConfigError
 
     with pytest.raises(RunConfigError, match="int8-experts.*without --quantize"):
         build_model(ModelSpec(checkpoint=str(converted_int8)), seed=0)

@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-
-from pallas_kernels.lightning import api, reference
-from pallas_kernels.lightning.decode import lightning_decode_pallas
-from pallas_kernels.lightning.prefill import lightning_attention_pallas
-from pallas_kernels.lightning.tiling import Tiling, choose_tiling, dot
+from m1jax.pallas_kernels.lightning import api, reference
+from m1jax.pallas_kernels.lightning.decode import lightning_decode_pallas
+from m1jax.pallas_kernels.lightning.prefill import lightning_attention_pallas
+from m1jax.pallas_kernels.lightning.tiling import Tiling, choose_tiling, dot
 
 # Slopes of M1's first/last heads and layers (0.917 … 0.0039, × 0.0127 for the last layer) and ~0.
 SLOPES = (0.917, 0.0039, 1e-6, 0.3, 0.05, 0.6, 0.011, 0.125)

@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from pallas_kernels.lightning import (
+from m1jax.pallas_kernels.lightning import (
     lightning_attention,
     lightning_attention_blocked,
     lightning_attention_naive,

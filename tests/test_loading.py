@@ -5,10 +5,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from m1jax.convert.hf_checkpoint import CheckpointError
+from m1jax.convert.hf_layout import expected_tensors
+from m1jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 
-from convert.hf_checkpoint import CheckpointError
-from convert.hf_layout import expected_tensors
-from convert.safetensors_io import SafetensorsFile, write_safetensors
 from m1jax.config import ModelConfig
 from m1jax.loading import from_pretrained
 

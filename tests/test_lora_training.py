@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
+from m1jax.train.checkpointing import TrainCheckpointer
+from m1jax.train.metrics_log import read_metrics
+from m1jax.train.model_setup import LORA_FILE, build_model
+from m1jax.train.run_config import ModelSpec, RunConfigError, load_run_config
 
 from m1jax import lora
-from train.checkpointing import TrainCheckpointer
-from train.metrics_log import read_metrics
-from train.model_setup import LORA_FILE, build_model
-from train.run_config import ModelSpec, RunConfigError, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "train" / "cispo_reverse3.yaml"
@@ -105,8 +105,9 @@ def test_lora_cispo_on_a_pretrained_tiny_model_learns_reverse3(tmp_path):
     steps)."""
     import itertools
 
+    from m1jax.train.cispo_trainer import CISPOTrainer
+
     from m1jax.cli import main
-    from train.cispo_trainer import CISPOTrainer
 
     rows = [{"prompt": [1, a + 4, b + 4, c + 4, 2], "completion": [a + 4, b + 4, c + 4, 3]}
             for a, b, c in itertools.product(range(10), repeat=3)]

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from hf_oracle import make_hf_model, save_original_layout, save_transformers_layout
+from m1jax.convert.hf_layout import expected_tensors
+from m1jax.convert.safetensors_io import write_safetensors
 from rc_reference import rc_forward
 
-from convert.hf_layout import expected_tensors
-from convert.safetensors_io import write_safetensors
 from m1jax.config import ModelConfig
 from m1jax.loading import from_pretrained
 

@@ -6,9 +6,8 @@ import time
 import chex
 import numpy as np
 import pytest
-
-from train.advantages import dynamic_sampling_filter, group_advantages
-from train.rewards import (
+from m1jax.train.advantages import dynamic_sampling_filter, group_advantages
+from m1jax.train.rewards import (
     RewardFunctionError,
     RewardSet,
     combine_rewards,
@@ -20,8 +19,8 @@ from train.rewards import (
     parse_number,
     think_format_reward,
 )
-from train.sandbox import SandboxLimits, run_assert_tests, run_script
-from train.tasks import reverse3
+from m1jax.train.sandbox import SandboxLimits, run_assert_tests, run_script
+from m1jax.train.tasks import reverse3
 
 # ----------------------------------------------------------------------------------------------- advantages
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from m1jax.train.logprobs import probability_agreement, sequence_logprobs
 
 from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1, ModelOutput
 from m1jax.modules import moe
-from train.logprobs import probability_agreement, sequence_logprobs
 
 LAYERS = ("linear_attention", "full_attention")
 
@@ -164,7 +164,7 @@ def test_engine_threshold_errors_name_the_field():
 
 
 def test_pack_rollouts_places_the_routed_experts_with_their_tokens():
-    from train.rollout import pack_rollouts
+    from m1jax.train.rollout import pack_rollouts
 
     class R:  # a GenerationResult stand-in
         def __init__(self, prompt, tokens):
@@ -189,9 +189,8 @@ def test_cispo_step_with_routing_replay(tmp_path):
     """One CISPO step of the reverse-3 example with `cispo.routing_replay`: the same rollouts as without, the
     same update (the replayed routing is the trainer's own here, fp32 on one machine), the mismatch logged."""
     import yaml
-
-    from train.cispo_trainer import CISPOTrainer
-    from train.run_config import load_run_config
+    from m1jax.train.cispo_trainer import CISPOTrainer
+    from m1jax.train.run_config import load_run_config
 
     runs = {}
     for replay in (False, True):

@@ -234,7 +234,7 @@ def test_scanned_program_does_not_grow_with_the_layer_count():
 # ------------------------------------------------------------------------------------------------- train
 def test_weight_decay_mask_counts_axes_per_layer(models):
     """AdamW decays matrices only: a scanned model's stacked norms `[G, D]` are not matrices."""
-    from train.optim import _decay_mask
+    from m1jax.train.optim import _decay_mask
 
     def decayed(model):
         params = nnx.state(model, nnx.Param)

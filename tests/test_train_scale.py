@@ -11,14 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from m1jax.sharding import make_mesh
-from train import model_setup
-from train.checkpointing import TrainCheckpointer
-from train.logprobs import head_logprobs, sequence_logprobs
-from train.model_setup import build_model, is_abstract
-from train.run_config import RunConfigError, load_run_config
-from train.update import (
+from m1jax.train import model_setup
+from m1jax.train.checkpointing import TrainCheckpointer
+from m1jax.train.logprobs import head_logprobs, sequence_logprobs
+from m1jax.train.model_setup import build_model, is_abstract
+from m1jax.train.run_config import RunConfigError, load_run_config
+from m1jax.train.update import (
     LossSpec,
     abstract_optimizer_state,
     accumulate_gradients,
@@ -27,6 +25,8 @@ from train.update import (
     compute_model,
     init_optimizer_state,
 )
+
+from m1jax.sharding import make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "train" / "cispo_reverse3.yaml"
@@ -224,7 +224,7 @@ def test_resume_restores_into_the_abstract_sharded_state(tmp_path, monkeypatch):
     """A run whose checkpoint directory holds a checkpoint builds no parameters: they and the optimizer state
     stay abstract (shapes and shardings) until orbax restores straight into them; a new run from that training
     checkpoint (`model.checkpoint`) reads its parameters the same way."""
-    from train.cispo_trainer import CISPOTrainer
+    from m1jax.train.cispo_trainer import CISPOTrainer
 
     overrides = ["mesh={data: 2, tensor: 4}", "log.progress=false"]
     cfg = run_config(*overrides, output_dir=tmp_path / "run")
@@ -269,7 +269,7 @@ def test_rollouts_on_their_own_mesh_give_the_same_step(tmp_path):
     """Rollouts on an inference layout (`rollout.mesh`: weights over tensor × expert, resharded from the update's
     data × tensor layout each step) sample the same completions and give the same update as rollouts on the
     update's mesh."""
-    from train.cispo_trainer import CISPOTrainer
+    from m1jax.train.cispo_trainer import CISPOTrainer
 
     runs = {}
     for name, extra in (("same", []), ("own", ["rollout.mesh={tensor: 4, expert: 2}"])):
@@ -292,7 +292,7 @@ def test_rollouts_on_their_own_mesh_give_the_same_step(tmp_path):
 
 
 def test_rollout_mesh_of_the_wrong_size_names_the_field(tmp_path):
-    from train.cispo_trainer import CISPOTrainer
+    from m1jax.train.cispo_trainer import CISPOTrainer
 
     with pytest.raises(RunConfigError, match="rollout.mesh"):
         CISPOTrainer(run_config(*SMALL, "rollout.mesh={tensor: 3}", output_dir=tmp_path / "bad"))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from hf_oracle import make_hf_model, save_original_layout
+from m1jax.convert.safetensors_io import SafetensorsFile
 from synthetic_checkpoint import edit_tensor
 
-from convert.safetensors_io import SafetensorsFile
 from m1jax import hf_reference
 from m1jax.cli import main
 from m1jax.config import ModelConfig

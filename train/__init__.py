@@ -1,12 +1,12 @@
 """m1jax training: CISPO / GRPO-clip losses, group advantages, reward functions, toy tasks, and the trainers
-(`CISPOTrainer`, `SFTTrainer`; entry point `m1jax train cispo|sft --config FILE`, schema in `train.run_config`).
+(`CISPOTrainer`, `SFTTrainer`; entry point `m1jax train cispo|sft --config FILE`, schema in `m1jax.train.run_config`).
 
 Host-side pieces (advantages, rewards, sandbox, tasks) are numpy/stdlib; the losses are jit-compatible JAX. The
 trainers (and their model/orbax imports) load lazily on first attribute access.
 """
 
-from train.advantages import dynamic_sampling_filter, group_advantages
-from train.losses import (
+from m1jax.train.advantages import dynamic_sampling_filter, group_advantages
+from m1jax.train.losses import (
     aggregate_token_terms,
     cispo_loss,
     cispo_loss_and_metrics,
@@ -14,7 +14,7 @@ from train.losses import (
     grpo_clip_loss_and_metrics,
     token_normalizer,
 )
-from train.rewards import (
+from m1jax.train.rewards import (
     RewardFunctionError,
     RewardScores,
     RewardSet,
@@ -26,15 +26,15 @@ from train.rewards import (
     math_answer_reward,
     think_format_reward,
 )
-from train.run_config import RunConfig, RunConfigError, load_run_config, parse_run_config
-from train.sandbox import SandboxLimits
+from m1jax.train.run_config import RunConfig, RunConfigError, load_run_config, parse_run_config
+from m1jax.train.sandbox import SandboxLimits
 
 _LAZY = {
-    "CISPOTrainer": "train.cispo_trainer",
-    "SFTTrainer": "train.sft_trainer",
-    "sequence_logprobs": "train.logprobs",
-    "update_step": "train.update",
-    "make_optimizer": "train.optim",
+    "CISPOTrainer": "m1jax.train.cispo_trainer",
+    "SFTTrainer": "m1jax.train.sft_trainer",
+    "sequence_logprobs": "m1jax.train.logprobs",
+    "update_step": "m1jax.train.update",
+    "make_optimizer": "m1jax.train.optim",
 }
 
 

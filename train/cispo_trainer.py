@@ -7,7 +7,7 @@ One step t:
    With dynamic sampling, groups whose rewards are all equal are dropped and more prompts are sampled (up to
    `max_rounds` generation rounds of the same shape); slots still empty are filled with masked-out rows.
 2. Rewards R_i = Σ_k w_k f_k (+ DAPO overlong penalty); the `shuffle_rewards` control permutes them in the batch.
-3. A_i = (R_i − mean_g R) / (std_g R + ε)        (`train.advantages.group_advantages`)
+3. A_i = (R_i − mean_g R) / (std_g R + ε)        (`m1jax.train.advantages.group_advantages`)
 4. π_old: `sequence_logprobs` at θ_t (fp32 head) — the same function the loss uses; compared with the sampler's
    log-probs (the mismatch meter `probability_agreement`: correlations of p and of log p, mean |Δ log p| and its
    per-sequence max). With `cispo.routing_replay` the engine records every token's routed experts and the π_old
@@ -26,20 +26,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from m1jax.train.advantages import group_advantages, zero_std_groups
+from m1jax.train.data_sources import JsonlPrompts, Reverse3Prompts
+from m1jax.train.logprobs import probability_agreement
+from m1jax.train.loop import TrainLoop, as_batch, rows_per_chunk, to_host
+from m1jax.train.losses import token_normalizer
+from m1jax.train.reward_stage import build_reward_set, overlong_penalty, score_rollouts, shuffle_within_batch
+from m1jax.train.rollout import pack_rollouts, prompt_width, sample_groups
+from m1jax.train.run_config import RunConfig, RunConfigError
+from m1jax.train.update import LossSpec, cast_params, forward_logprobs, update_step
 
 from m1jax.generation import Engine
 from m1jax.loading import param_shardings
 from m1jax.sampling import SamplingParams
 from m1jax.sharding import make_mesh
-from train.advantages import group_advantages, zero_std_groups
-from train.data_sources import JsonlPrompts, Reverse3Prompts
-from train.logprobs import probability_agreement
-from train.loop import TrainLoop, as_batch, rows_per_chunk, to_host
-from train.losses import token_normalizer
-from train.reward_stage import build_reward_set, overlong_penalty, score_rollouts, shuffle_within_batch
-from train.rollout import pack_rollouts, prompt_width, sample_groups
-from train.run_config import RunConfig, RunConfigError
-from train.update import LossSpec, cast_params, forward_logprobs, update_step
 
 
 def make_prompt_source(cfg: RunConfig, tokenizer):

@@ -8,7 +8,7 @@ import sys
 
 def cmd_train(args) -> int:
     """Load and validate the run config, build the trainer, train (resuming from its checkpoints)."""
-    from train.run_config import load_run_config
+    from m1jax.train.run_config import load_run_config
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -19,9 +19,9 @@ def cmd_train(args) -> int:
         overrides.append(f"seed={args.seed}")
     cfg = load_run_config(args.config, args.algorithm, overrides)
     if args.algorithm == "cispo":
-        from train.cispo_trainer import CISPOTrainer as Trainer
+        from m1jax.train.cispo_trainer import CISPOTrainer as Trainer
     else:
-        from train.sft_trainer import SFTTrainer as Trainer
+        from m1jax.train.sft_trainer import SFTTrainer as Trainer
     trainer = Trainer(cfg)
     if args.validate_only:
         print(f"{args.config}: valid {args.algorithm} run config", file=sys.stderr)

@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from train.tasks import reverse3
+from m1jax.train.tasks import reverse3
 
 DATA_STREAM = 1  # SeedSequence spawn key of the data sampler (the trainer RNG uses 2)
 

@@ -26,15 +26,15 @@ import time
 
 import jax
 import numpy as np
+from m1jax.train.checkpointing import TrainCheckpointer
+from m1jax.train.data_sources import stream_rng
+from m1jax.train.metrics_log import MetricsLog
+from m1jax.train.model_setup import ModelBundle, build_model, is_abstract, save_model_config
+from m1jax.train.optim import learning_rate_schedule, optimizer_step_count, schedule_horizon
+from m1jax.train.run_config import RunConfig, RunConfigError
+from m1jax.train.update import abstract_optimizer_state, init_optimizer_state
 
 from m1jax.sharding import make_mesh
-from train.checkpointing import TrainCheckpointer
-from train.data_sources import stream_rng
-from train.metrics_log import MetricsLog
-from train.model_setup import ModelBundle, build_model, is_abstract, save_model_config
-from train.optim import learning_rate_schedule, optimizer_step_count, schedule_horizon
-from train.run_config import RunConfig, RunConfigError
-from train.update import abstract_optimizer_state, init_optimizer_state
 
 KILL_ENV = "M1JAX_TRAIN_KILL_AT_STEP"
 TRAINER_STREAM = 2

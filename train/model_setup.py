@@ -18,13 +18,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from m1jax.train.checkpointing import TrainCheckpointer, is_train_checkpoint_dir
+from m1jax.train.run_config import ModelSpec, RunConfigError
 
 from m1jax import lora
 from m1jax.config import ConfigError, ModelConfig
 from m1jax.loading import abstract_model, init_sharded, param_shardings
 from m1jax.model import MiniMaxM1
-from train.checkpointing import TrainCheckpointer, is_train_checkpoint_dir
-from train.run_config import ModelSpec, RunConfigError
 
 MODEL_CONFIG_FILE = "model_config.json"
 LORA_FILE = "lora.json"
@@ -44,7 +44,7 @@ class ModelBundle:
 
     def compute_model(self, params):
         """The model at `params` (these or updated trainable parameters) in its compute dtypes."""
-        from train.update import compute_model
+        from m1jax.train.update import compute_model
 
         return compute_model(self.graphdef, params, self.param_dtypes, self.frozen)
 
@@ -158,7 +158,7 @@ def build_model(spec: ModelSpec, *, seed: int, mesh=None, abstract: bool = False
 
 def _with_adapters(config: ModelConfig, graphdef, params, spec: ModelSpec, *, seed: int) -> ModelBundle:
     """The LoRA bundle: the base cast to its compute dtypes and frozen, fresh adapters (fp32 masters) trained."""
-    from train.update import cast_params
+    from m1jax.train.update import cast_params
 
     base = nnx.merge(graphdef, cast_params(params, compute_dtypes(config)))
     model = lora.attach(base, rank=spec.lora.rank, alpha=spec.lora.alpha, targets=spec.lora.targets, seed=seed)
@@ -170,7 +170,7 @@ def _with_adapters(config: ModelConfig, graphdef, params, spec: ModelSpec, *, se
 
 def _restore_lora_run(root: Path, spec: ModelSpec, *, seed: int, mesh) -> ModelBundle:
     """A LoRA run's model: its base (the run's own model spec, from `lora.json`) plus its latest adapters."""
-    from train.run_config import ModelSpec as Spec
+    from m1jax.train.run_config import ModelSpec as Spec
 
     try:
         base_spec = Spec.parse(json.loads((root / LORA_FILE).read_text())["model"], "model")

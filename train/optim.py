@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from m1jax.train.run_config import OptimizerSpec
 
 from m1jax.layer_stack import is_stacked
-from train.run_config import OptimizerSpec
 
 
 def learning_rate_schedule(spec: OptimizerSpec, total_steps: int) -> optax.Schedule:

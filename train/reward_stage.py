@@ -1,7 +1,7 @@
 """The reward stage of the RL trainer: reward functions by name, scoring a rollout batch, the DAPO overlong
 penalty and the shuffled-reward negative control.
 
-Reward functions have the `train.rewards` signature `fn(prompt: str, completion: str, **example) -> float`.
+Reward functions have the `m1jax.train.rewards` signature `fn(prompt: str, completion: str, **example) -> float`.
 Besides the prompt's dataset fields, `example` carries `prompt_ids`, `completion_ids` (token-id lists) and
 `finish_reason`, so token-level tasks need no tokenizer. Names in the run config are built-ins (`BUILTIN_REWARDS`)
 or import paths `package.module:function` (the function itself is the reward).
@@ -13,10 +13,9 @@ import importlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-from train.rewards import RewardScores, RewardSet, code_reward, math_answer_reward, think_format_reward
-from train.run_config import RewardsSpec, RunConfigError
-from train.tasks import reverse3
+from m1jax.train.rewards import RewardScores, RewardSet, code_reward, math_answer_reward, think_format_reward
+from m1jax.train.run_config import RewardsSpec, RunConfigError
+from m1jax.train.tasks import reverse3
 
 
 def reverse3_reward(prompt: str, completion: str, *, prompt_ids, completion_ids, **example) -> float:
@@ -70,7 +69,7 @@ def score_rollouts(reward_set: RewardSet, prompt_texts: Sequence[str], completio
                    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                    finish_reasons: Sequence[str], fields: Sequence[dict], *, workers: int = 1) -> RewardScores:
     """Score N rollouts: R_i = Σ_k w_k f_k(prompt_i, completion_i, **fields_i, prompt_ids=…, completion_ids=…,
-    finish_reason=…). Sandboxed rewards (`code`) never affect the trainer process (see `train.sandbox`)."""
+    finish_reason=…). Sandboxed rewards (`code`) never affect the trainer process (see `m1jax.train.sandbox`)."""
     examples = [{**f, "prompt_ids": list(map(int, p)), "completion_ids": list(map(int, c)), "finish_reason": r}
                 for f, p, c, r in zip(fields, prompt_ids, completion_ids, finish_reasons, strict=True)]
     return reward_set.score(list(prompt_texts), list(completion_texts), examples, max_workers=workers)

@@ -27,8 +27,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
-
-from train import sandbox
+from m1jax.train import sandbox
 
 RewardFn = Callable[..., float]
 ON_ERROR = ("raise", "default")
@@ -354,7 +353,7 @@ def make_code_reward(limits: sandbox.SandboxLimits = sandbox.SandboxLimits()) ->
       stdin, one sandboxed interpreter per case; it passes if it exits with status 0 and its stdout equals the
       expected output up to trailing whitespace on each line and trailing blank lines.
     Every test gets `limits.timeout_s` of wall clock; hangs, crashes, and exits count as failures and never
-    affect the caller (see `train.sandbox`). Malformed `tests` raise ValueError.
+    affect the caller (see `m1jax.train.sandbox`). Malformed `tests` raise ValueError.
     """
 
     def code_reward(prompt: str, completion: str, *, tests, **example) -> float:

@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from m1jax.train.rewards import ON_ERROR
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from m1jax.config import DTYPES, LIGHTNING_IMPLS, MOE_IMPLS, MOE_PARALLEL, REMAT_POLICIES, SCAN_LAYERS
 from m1jax.sharding import MESH_AXES
-from train.rewards import ON_ERROR
 
 BUILTIN_TASKS = ("reverse3", "jsonl")
 
@@ -159,7 +159,7 @@ class ModelSpec(_Section):
     `checkpoint` (a directory) — and its runtime choices (`param_dtype` None: = dtype; `init_seed` None: = seed;
     `scan_layers`, `remat` (per scanned layer group), `moe_parallel`: the `m1jax.config.ModelConfig` fields;
     `logprob_seq_chunk`, `logprob_vocab_chunk`: the fp32 head's log-probs in chunks of that many positions per row /
-    vocabulary columns (None: all at once), `train.logprobs.head_logprobs`).
+    vocabulary columns (None: all at once), `m1jax.train.logprobs.head_logprobs`).
     `lora`: train low-rank adapters instead of every weight; `quantize: int8-experts` (LoRA only) keeps the
     frozen experts int8."""
 
@@ -207,7 +207,7 @@ class RewardSpec(_Section):
 
 
 class RewardsSpec(_Section):
-    """R = Σ_k weight_k · reward_k; `on_error` and `workers` as in `train.rewards.RewardSet.score`."""
+    """R = Σ_k weight_k · reward_k; `on_error` and `workers` as in `m1jax.train.rewards.RewardSet.score`."""
 
     functions: tuple[RewardSpec, ...]
     on_error: Literal[ON_ERROR] = "raise"
@@ -328,7 +328,7 @@ class SftSpec(_Section):
 
 
 class OptimizerSpec(_Section):
-    """AdamW + global-norm clipping (None: off) + warmup/cosine schedule (see `train.optim`; `decay_steps` None:
+    """AdamW + global-norm clipping (None: off) + warmup/cosine schedule (see `m1jax.train.optim`; `decay_steps` None:
     the whole run). Hashable (a jit static)."""
 
     lr: Float = Field(3e-4, gt=0)

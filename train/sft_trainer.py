@@ -12,12 +12,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from train.data_sources import SftExamples
-from train.loop import TrainLoop, as_batch, to_host
-from train.losses import token_normalizer
-from train.run_config import RunConfig
-from train.update import LossSpec, update_step
+from m1jax.train.data_sources import SftExamples
+from m1jax.train.loop import TrainLoop, as_batch, to_host
+from m1jax.train.losses import token_normalizer
+from m1jax.train.run_config import RunConfig
+from m1jax.train.update import LossSpec, update_step
 
 
 class SFTTrainer(TrainLoop):

@@ -1,12 +1,12 @@
 """The jitted parameter update shared by every trainer: micro-batched gradient accumulation → one optax step.
 
 For an optimizer step over rows S = S_1 ∪ … ∪ S_M (micro-batches) with step-level denominators D_b computed
-ONCE over all of S (`train.losses.token_normalizer`):
+ONCE over all of S (`m1jax.train.losses.token_normalizer`):
 
     loss(S) = Σ_j loss(S_j; D[S_j]),      ∇loss(S) = Σ_j ∇loss(S_j; D[S_j])          (sums — never means)
 
 so the update is identical (up to float summation order) for any M. The policy losses are CISPO / GRPO-clip
-(`train.losses`), the next-token loss is  Σ_bt mask_bt · (−logp_bt) / D_b  with D_b = the step's token count.
+(`m1jax.train.losses`), the next-token loss is  Σ_bt mask_bt · (−logp_bt) / D_b  with D_b = the step's token count.
 
 Parameters are fp32 masters; each forward casts them to the model's compute dtypes (`param_dtypes`), so
 gradients and the AdamW moments stay fp32. All functions are module-level `jax.jit`s keyed on hashable statics
@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
-from train.logprobs import sequence_logprobs
-from train.losses import aggregate_token_terms, cispo_loss_and_metrics, grpo_clip_loss_and_metrics
-from train.optim import make_optimizer
-from train.run_config import OptimizerSpec
+from m1jax.train.logprobs import sequence_logprobs
+from m1jax.train.losses import aggregate_token_terms, cispo_loss_and_metrics, grpo_clip_loss_and_metrics
+from m1jax.train.optim import make_optimizer
+from m1jax.train.run_config import OptimizerSpec
 
 LOSS_KINDS = ("cispo", "grpo_clip", "nll")
 # Token statistics of the policy losses, summed as mean × num_tokens over micro-batches.
@@ -93,7 +92,7 @@ def compute_model(graphdef, params, param_dtypes, frozen=None, *, cast_at_use: b
 def forward_logprobs(params, tokens_BxL, valid_BxL, frozen=None, routed_experts_BxLxNxK=None, *, graphdef,
                      param_dtypes, seq_chunk=None, vocab_chunk=None):
     """(logp_BxL, entropy_BxL) of `sequence_logprobs` at `params`, no gradient (π_old, entropy, evaluation);
-    `seq_chunk`, `vocab_chunk`: the head's chunking (`train.logprobs.head_logprobs`); `routed_experts_BxLxNxK`:
+    `seq_chunk`, `vocab_chunk`: the head's chunking (`m1jax.train.logprobs.head_logprobs`); `routed_experts_BxLxNxK`:
     routing replay (None: the model's own routing)."""
     model = compute_model(graphdef, params, param_dtypes, frozen, cast_at_use=True)
     out = sequence_logprobs(model, tokens_BxL, valid_BxL=valid_BxL, with_entropy=True, seq_chunk=seq_chunk,

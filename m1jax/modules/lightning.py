@@ -23,10 +23,10 @@ from m1jax.cache import STATE_AXES
 from m1jax.config import ModelConfig
 from m1jax.modules.norm import rms_norm
 from m1jax.modules.unfused import linear
+from m1jax.pallas_kernels import lightning_attention, lightning_decode
+from m1jax.pallas_kernels.lightning import resolve_impl
 from m1jax.sharding import axes_size, current_mesh, logical_to_spec, spec_axes
 from m1jax.weights import DTYPE, param
-from pallas_kernels import lightning_attention, lightning_decode
-from pallas_kernels.lightning import resolve_impl
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

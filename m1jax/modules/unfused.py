@@ -11,8 +11,9 @@ batch of two half-products it runs faster on the 2-core VM (bench-small batch-1 
 `XLA_CPU_COMPILER_OPTIONS` are the compiler options of the engine's jitted prefill and decode programs:
 XLA:CPU (jax 0.10) hands every dot with more than one row to a YNNPACK fusion, which ran the MoE's expert
 tiles (tens to hundreds of rows) several times slower than the Eigen GEMMs XLA:CPU calls with that fusion
-off on a loaded (shared) machine, and equally fast on an idle one (measurements in `benchmarks/RESULTS.md`). The options name an XLA:CPU debug option only, which the
-other backends' compilers ignore. Jit a model call yourself with
+off on a loaded (shared) machine, and equally fast on an idle one (measurements in
+`benchmarks/RESULTS.md`). The options name an XLA:CPU debug option only, which the other backends' compilers
+ignore. Jit a model call yourself with
 `jax.jit(f, compiler_options=XLA_CPU_COMPILER_OPTIONS)` to get the same, or set
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` before JAX starts.
 """

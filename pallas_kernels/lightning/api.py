@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 
 import jax
-
-from pallas_kernels.lightning import reference
+from m1jax.pallas_kernels.lightning import reference
 
 IMPLS = ("auto", "xla", "pallas", "recurrent")
 IMPL_ENV = "M1JAX_LIGHTNING_IMPL"
@@ -58,7 +57,7 @@ def lightning_attention(q, k, v, slope, initial_state=None, *, block_size: int =
     """
     requested, impl = impl, resolve_impl(impl)
     if impl == "pallas":
-        from pallas_kernels.lightning import prefill, tiling
+        from m1jax.pallas_kernels.lightning import prefill, tiling
 
         b, t, h, d = q.shape
         try:
@@ -85,7 +84,7 @@ def lightning_decode(q, k, v, slope, state, *, impl: str = "auto", interpret: bo
             and not os.environ.get(IMPL_ENV) and q.shape[0] > GPU_PALLAS_DECODE_MAX_BATCH):
         impl = "xla"
     if impl == "pallas":
-        from pallas_kernels.lightning import decode, tiling
+        from m1jax.pallas_kernels.lightning import decode, tiling
 
         try:
             plan = tiling.choose_tiling(1, q.shape[-1], v.shape[-1], interpret=interpret)

@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-
-from pallas_kernels.lightning.tiling import NT, Tiling, check_chunk_tiling, dot
+from m1jax.pallas_kernels.lightning.tiling import NT, Tiling, check_chunk_tiling, dot
 
 F32 = jnp.float32
 FP32_MAX_CHUNK_BLOCK_V = 64  # fp32 operands: the output pass's shared-memory footprint doubles

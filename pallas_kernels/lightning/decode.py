@@ -17,8 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
-from pallas_kernels.lightning.tiling import Tiling, choose_tiling
+from m1jax.pallas_kernels.lightning.tiling import Tiling, choose_tiling
 
 F32 = jnp.float32
 

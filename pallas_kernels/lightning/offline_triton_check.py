@@ -8,7 +8,7 @@ differently, so keep a margin under the 227 KiB shared-memory limit. Needs a Tri
 folder (not the project venv; ~600 MB), e.g.
 
     /work/venv/bin/pip install --target /tmp/triton_site triton==3.5.1
-    PYTHONPATH=. python -m pallas_kernels.lightning.offline_triton_check --triton-site /tmp/triton_site \\
+    PYTHONPATH=. python -m m1jax.pallas_kernels.lightning.offline_triton_check --triton-site /tmp/triton_site \\
         --variant "{}" --variant "{'state_chunk': 64, 'chunk_block_v': 128, 'chunk_num_warps': 8}" [--grads]
 
 Each --variant is a dict of `choose_tiling` overrides (shapes: --seq, --heads, --dim, batch 1, --dtype).
@@ -38,9 +38,8 @@ def dump_kernels(variants, *, seq, heads, dim, dtype_name, grads, out_dir):
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
-
-    from pallas_kernels.lightning.prefill import lightning_attention_pallas
-    from pallas_kernels.lightning.tiling import choose_tiling
+    from m1jax.pallas_kernels.lightning.prefill import lightning_attention_pallas
+    from m1jax.pallas_kernels.lightning.tiling import choose_tiling
 
     captured = []
     lower = registration.lowering.lower_jaxpr_to_triton_module
@@ -152,7 +151,7 @@ def main():
         print(f"T={args.seq}, {args.heads} heads x {args.dim}, {args.dtype}, batch 1; H100 limits: "
               f"{H100_SMEM_PER_CTA // 1024} KiB shared memory per CTA, {H100_REGS_PER_SM} registers per SM")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.triton_site, os.environ.get("PYTHONPATH", "")]))
-        subprocess.run([sys.executable, "-m", "pallas_kernels.lightning.offline_triton_check", "--compile-jobs",
+        subprocess.run([sys.executable, "-m", "m1jax.pallas_kernels.lightning.offline_triton_check", "--compile-jobs",
                         jobs_path], env=env, check=False)
 
 

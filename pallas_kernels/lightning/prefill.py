@@ -45,9 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
-from pallas_kernels.lightning import chunked, reference
-from pallas_kernels.lightning.tiling import NT, Tiling, choose_tiling, dot
+from m1jax.pallas_kernels.lightning import chunked, reference
+from m1jax.pallas_kernels.lightning.tiling import NT, Tiling, choose_tiling, dot
 
 F32 = jnp.float32
 

@@ -21,7 +21,7 @@ M1-format template), so the reply text is exactly what follows `<beginning_of_se
 The held-out split: (op, a, b) with `is_held_out` (a fixed hash, about 1 in 10 of every op's 8100 pairs) is never
 in training data. `write_dataset` writes the demo recipe's files (see configs/train/demo_sft.yaml):
 
-    python -m train.tasks.arithmetic --out runs/demo_data
+    python -m m1jax.train.tasks.arithmetic --out runs/demo_data
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def held_out_rows(tokenizer, n: int, seed: int = 0) -> list[dict]:
 def score_reply(text: str, expected: int) -> dict[str, bool]:
     """{"correct": the reply's answer (after `</think>`) equals `expected` (`math_answer_reward`), "format": it is
     `<think>…</think>answer` (`think_format_reward`)}."""
-    from train.rewards import math_answer_reward, think_format_reward
+    from m1jax.train.rewards import math_answer_reward, think_format_reward
 
     return {"correct": math_answer_reward("", text, answer=expected) == 1.0,
             "format": think_format_reward("", text) == 1.0}
