@@ -14,9 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if topology.libtpu_available():
     for _key, _value in topology.deviceless_env().items():
         os.environ.setdefault(_key, _value)
-# No persistent compilation cache by default: with one, a full run on a fresh clone aborted (SIGABRT in
-# XLA:CPU `executable.serialize()` while jax wrote a cache entry from the scheduler's background thread, in
-# test_readme after test_cispo_trainer's own cache fixture). Set JAX_COMPILATION_CACHE_DIR to opt in.
+
+import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -25,6 +24,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drops JAX's compiled programs after each test module.
+
+    XLA:CPU maps a few memory regions per compiled executable and a process keeps every executable its jitted
+    functions have compiled: the whole default suite in one process reached Linux's `vm.max_map_count` (65530)
+    near test_readme, where the next compile aborted (SIGABRT or SIGSEGV inside `backend_compile_and_load`).
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
