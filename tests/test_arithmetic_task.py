@@ -41,6 +41,19 @@ def test_every_scratchpad_step_is_true_and_ends_with_the_answer():
         assert ar.score_reply(ar.reply(op, a, b), ar.answer(op, a, b)) == {"correct": True, "format": True}
 
 
+def test_first_wrong_step_names_the_kind_of_step():
+    ref = ar.reply("mul", 17, 23)
+    assert [k for k, _ in ar.scratchpad_steps("mul", 17, 23)] == ["partial product"] * 2 + ["shift", "final addition"]
+    assert ar.first_wrong_step("mul", 17, 23, ref) is None
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("30+21=51", "30+21=41")) == "partial product"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("340+51=391", "340+51=361")) == "final addition"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("= 391", "= 381")) == "answer"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("\n340+51=391", "")) == "missing step"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("=391\n", "=391\n1+1=2\n")) == "extra step"
+    assert ar.first_wrong_step("sub", 51, 48, ar.reply("sub", 51, 48).replace("10-7=3", "10-7=7")) == "combine"
+    assert ar.first_wrong_step("add", 47, 38, "47 + 38 = 85") == "tens"  # no think block: the first step differs
+
+
 def test_splits_are_disjoint_and_about_a_tenth():
     train, held = set(ar.problems("train")), set(ar.problems("held_out"))
     assert not train & held and train | held == set(ALL)

@@ -71,17 +71,43 @@ def _signed_step(x: int, y: int) -> str:
     return f"{x}+{y}" if y >= 0 else f"{x}-{-y}"
 
 
-def scratchpad(op: str, a: int, b: int) -> str:
-    """The worked steps of `a op b` (module docstring), one step per line, ending with the result."""
+def scratchpad_steps(op: str, a: int, b: int) -> list[tuple[str, str]]:
+    """The worked steps of `a op b` (module docstring) as (kind, line), ending with the result. Kinds: add/sub
+    "tens", "units", "combine" (tens and units put together); mul "partial product" (`a*d=…=a*d` for each digit
+    d of b, units first), "shift" (`a*10r`), "final addition"."""
     _check(op, a, b)
     (p, q), (r, s) = divmod(a, 10), divmod(b, 10)
     if op == "add":
-        return f"{10 * p}+{10 * r}={10 * (p + r)}\n{q}+{s}={q + s}\n{10 * (p + r)}+{q + s}={a + b}"
+        return [("tens", f"{10 * p}+{10 * r}={10 * (p + r)}"), ("units", f"{q}+{s}={q + s}"),
+                ("combine", f"{10 * (p + r)}+{q + s}={a + b}")]
     if op == "sub":
         tens, units = 10 * (p - r), q - s
-        return f"{10 * p}-{10 * r}={tens}\n{q}-{s}={units}\n{_signed_step(tens, units)}={a - b}"
-    lines = [f"{a}*{d}={10 * p}*{d}+{q}*{d}={10 * p * d}+{q * d}={a * d}" for d in (s, r)]
-    return "\n".join(lines + [f"{a}*{10 * r}={10 * r * a}", f"{10 * r * a}+{a * s}={a * b}"])
+        return [("tens", f"{10 * p}-{10 * r}={tens}"), ("units", f"{q}-{s}={units}"),
+                ("combine", f"{_signed_step(tens, units)}={a - b}")]
+    lines = [("partial product", f"{a}*{d}={10 * p}*{d}+{q}*{d}={10 * p * d}+{q * d}={a * d}") for d in (s, r)]
+    return lines + [("shift", f"{a}*{10 * r}={10 * r * a}"), ("final addition", f"{10 * r * a}+{a * s}={a * b}")]
+
+
+def scratchpad(op: str, a: int, b: int) -> str:
+    """The worked steps of `a op b` (`scratchpad_steps`), one step per line, ending with the result."""
+    return "\n".join(line for _, line in scratchpad_steps(op, a, b))
+
+
+def first_wrong_step(op: str, a: int, b: int, text: str) -> str | None:
+    """The kind of the first step of a reply `text` (`<think>\nsteps\n</think>\nanswer`) that differs from
+    `scratchpad_steps(op, a, b)` ("missing step" when it stopped early, "extra step" when it wrote more, "answer"
+    when every step is right but the answer after `</think>` is wrong), or None when the reply is the reference."""
+    steps = scratchpad_steps(op, a, b)
+    think, _, tail = text.partition("\n</think>\n")
+    got = think.removeprefix("<think>\n").split("\n")
+    for i, (kind, line) in enumerate(steps):
+        if i >= len(got):
+            return "missing step"
+        if got[i] != line:
+            return kind
+    if len(got) > len(steps):
+        return "extra step"
+    return None if tail.strip() == f"{a} {SYMBOLS[op]} {b} = {answer(op, a, b)}" else "answer"
 
 
 def reply(op: str, a: int, b: int) -> str:
