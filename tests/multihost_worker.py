@@ -4,7 +4,8 @@ its forward logits and a greedy `Engine.generate`, written to `OUT/<mesh>.npz` f
     python tests/multihost_worker.py --process-id I --num-processes N --port P --out DIR --mesh data=2,expert=4 ...
 
 With N > 1 the process joins a `jax.distributed` job over gloo CPU collectives (its devices: XLA_FLAGS'
-`--xla_force_host_platform_device_count`); `run()` is also what the one-process reference calls.
+`--xla_force_host_platform_device_count`); `run()` is also what the one-process reference calls. `launch` starts
+the processes of such a job (this worker, or `m1jax train ... --coordinator`) for the multi-host tests.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import pathlib
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,6 +26,44 @@ SEED = 0
 PROMPTS = ([5, 17, 99, 3, 42, 7, 250, 11, 64], [300, 2, 8], [1, 2, 3, 4, 5, 6], [77] * 13,
            [9, 8, 7, 6, 5], [400, 401], [12, 13, 14, 15, 16, 17, 18], [220])
 MAX_NEW = 6
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: Callable[[int], list[str]], logs: pathlib.Path, *, num_processes: int = 2,
+           local_devices: int = 4, timeout_s: float = 900, extra_env: dict | None = None) -> list[str]:
+    """Run `command(i)` as process i of a CPU job (each with `local_devices` devices, the repo on PYTHONPATH),
+    wait (hard timeout, then SIGKILL: jax's preemption notifier swallows SIGTERM), assert every process exited
+    with 0; returns their logs (`logs/worker{i}.log`)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(extra_env or {}))
+    paths = [logs / f"worker{i}.log" for i in range(num_processes)]
+    procs = []
+    for i, path in enumerate(paths):
+        with open(path, "wb") as f:
+            procs.append(subprocess.Popen(command(i), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO))
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = [path.read_text(errors="replace") for path in paths]
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{texts[i][-4000:]}"
+    return texts
 
 
 def config():

@@ -11,56 +11,27 @@ preemption notifier swallows SIGTERM).
 
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from multihost_worker import parse_mesh, result_file, run
+from multihost_worker import free_port, launch, parse_mesh, result_file, run
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
-REPO = WORKER.parents[1]
 MESHES = ("data=2,expert=4", "tensor=2,expert=4", "expert=8")
 TIMEOUT_S = 900  # two processes on a shared 2-core machine: compiles dominate
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(out: pathlib.Path) -> list[str]:
     """Start both processes, wait (hard timeout, then SIGKILL); returns their logs."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(WORKER), "--num-processes", "2", "--port", str(_free_port()), "--out", str(out),
-           "--timeout", str(TIMEOUT_S - 60)] + [f"--mesh={m}" for m in MESHES]
-    logs = [out / f"worker{i}.log" for i in range(2)]
-    procs = []
-    for i, log in enumerate(logs):
-        with open(log, "wb") as f:
-            procs.append(subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=f, stderr=subprocess.STDOUT,
-                                          cwd=REPO))
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    texts = [log.read_text(errors="replace") for log in logs]
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {i} exited with {p.returncode}:\n{texts[i][-4000:]}"
-    return texts
+    port = free_port()
+
+    def command(i: int) -> list[str]:
+        return [sys.executable, str(WORKER), "--num-processes", "2", "--port", str(port), "--out", str(out),
+                "--timeout", str(TIMEOUT_S - 60), "--process-id", str(i)] + [f"--mesh={m}" for m in MESHES]
+
+    return launch(command, out, timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.slow

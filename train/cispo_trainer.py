@@ -15,6 +15,12 @@ One step t:
 5. μ = `num_minibatches` off-policy updates per epoch: the prompt groups are shuffled and split into μ
    minibatches; each is one AdamW step on the CISPO loss with the denominators D_b of that optimizer step
    (`token_normalizer`), accumulated over `micro_batches` (sums).
+
+Several processes (`m1jax.train.distributed`): each process draws its share of the prompts and scores their
+completions; the rewards are all-gathered, so steps 2-3 (advantages, control, dynamic sampling) are the
+one-process computation on every process; the step's batch is placed once, each process feeding the rows its
+devices hold, and π_old chunks and minibatches are cut from it on device. The mismatch meter and the entropy
+metric read the step's log-probs on every host (`generation.to_host`: an all-gather of N × L floats).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import numpy as np
 from flax import nnx
 from m1jax.train.advantages import group_advantages, zero_std_groups
 from m1jax.train.data_sources import JsonlPrompts, Reverse3Prompts
+from m1jax.train.distributed import allgather_host, allgather_ragged, share_slice
 from m1jax.train.logprobs import probability_agreement
-from m1jax.train.loop import TrainLoop, as_batch, rows_per_chunk, to_host
+from m1jax.train.loop import TrainLoop, as_batch, local_rows, rows_per_chunk, select_rows, take_rows, to_host
 from m1jax.train.losses import token_normalizer
 from m1jax.train.reward_stage import build_reward_set, overlong_penalty, score_rollouts, shuffle_within_batch
 from m1jax.train.rollout import pack_rollouts, prompt_width, sample_groups
@@ -37,6 +44,7 @@ from m1jax.train.run_config import RunConfig, RunConfigError
 from m1jax.train.update import LossSpec, cast_params, forward_logprobs, update_step
 
 from m1jax.generation import Engine
+from m1jax.generation import to_host as array_to_host
 from m1jax.loading import param_shardings
 from m1jax.sampling import SamplingParams
 from m1jax.sharding import make_mesh
@@ -46,6 +54,15 @@ def make_prompt_source(cfg: RunConfig, tokenizer):
     if cfg.task.name == "reverse3":
         return Reverse3Prompts(cfg.seed)
     return JsonlPrompts(cfg.task.path, tokenizer, cfg.seed, prompt_field=cfg.task.prompt_field)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "normalization", "num_groups"))
+def gather_minibatch(step_batch: dict, rows_B, group_ids_B, *, mesh, normalization: str, num_groups: int) -> dict:
+    """Rows `rows_B` of the step's (device) batch, laid out as a batch over `mesh`, with the loss denominators
+    D_b of that optimizer step (`token_normalizer` over its groups `group_ids_B` in [0, num_groups))."""
+    mb = select_rows(step_batch, rows_B, mesh)
+    mb["denom_B"] = token_normalizer(mb["mask_BxL"], group_ids_B, normalization=normalization, num_groups=num_groups)
+    return mb
 
 
 class CISPOTrainer(TrainLoop):
@@ -69,6 +86,9 @@ class CISPOTrainer(TrainLoop):
                                        max_new_tokens=r.max_new_tokens, stop_token_ids=self.data.stop_token_ids,
                                        repetition_stop=r.repetition_stop,
                                        repetition_threshold=r.repetition_threshold)
+        if r.num_prompts % jax.process_count():
+            raise RunConfigError(f"run config field 'rollout.num_prompts': {r.num_prompts} prompts cannot be shared "
+                                 f"equally by {jax.process_count()} processes")
         self.groups_per_minibatch = r.num_prompts // c.num_minibatches
         self.rows_per_micro = self.groups_per_minibatch * r.group_size // c.micro_batches
         self.rollout_mesh = None
@@ -96,25 +116,30 @@ class CISPOTrainer(TrainLoop):
         return nnx.merge(m.graphdef, self._to_rollout_layout(self.params))
 
     def _generate_round(self, step: int, round_index: int) -> dict:
-        """One generation round: prompts, samples, rewards (after the control), advantages, packed arrays."""
+        """One generation round: this process's share of the prompts, every sample (the engine is SPMD), rewards
+        of this process's samples all-gathered (after the control), advantages. Arrays are of the whole round."""
         r, g = self.cfg.rollout, self.cfg.rollout.group_size
-        prompts = self.data.next_batch(r.num_prompts)
-        engine = Engine(self.rollout_model(), self.tokenizer, prefill_chunk=r.prefill_chunk, mesh=self.rollout_mesh)
+        share = share_slice(r.num_prompts, jax.process_index(), jax.process_count())
+        prompts = self.data.next_batch(r.num_prompts, share)
+        prompt_ids = allgather_ragged([p.ids for p in prompts])
+        engine = Engine(self.rollout_model(), self.tokenizer, prefill_chunk=r.prefill_chunk,
+                        mesh=self.rollout_mesh if self.rollout_mesh is not None else self.mesh)
         t0 = time.perf_counter()
-        results = sample_groups(engine, [p.ids for p in prompts], g, self.sampling, run_seed=self.cfg.seed,
-                                step=step, first_prompt_index=round_index * r.num_prompts,
+        results = sample_groups(engine, prompt_ids, g, self.sampling, run_seed=self.cfg.seed, step=step,
+                                first_prompt_index=round_index * r.num_prompts,
                                 return_routed_experts=self.cfg.cispo.routing_replay)
         t_gen = time.perf_counter() - t0
-        rows = [prompts[i // g] for i in range(len(results))]
-        completion_ids = [res.tokens for res in results]
+        own = results[share.start * g:share.stop * g]  # the completions of this process's prompts
+        rows = [prompts[i // g] for i in range(len(own))]
+        completion_ids = [res.tokens for res in own]
         scores = score_rollouts(self.reward_set, [p.text for p in rows],
                                 [self.data.decode(c) for c in completion_ids], [p.ids for p in rows], completion_ids,
-                                [res.finish_reason for res in results], [p.fields for p in rows],
+                                [res.finish_reason for res in own], [p.fields for p in rows],
                                 workers=self.cfg.rewards.workers)
         t_reward = time.perf_counter() - t0 - t_gen
-        lengths = np.array([len(c) for c in completion_ids])
-        rewards = scores.total.copy()
-        per_function = dict(scores.per_function)
+        rewards = allgather_host(np.asarray(scores.total, np.float64))
+        per_function = {k: allgather_host(np.asarray(v, np.float64)) for k, v in scores.per_function.items()}
+        lengths = np.array([len(res.tokens) for res in results])
         if r.overlong is not None:
             penalty = overlong_penalty(lengths, r.max_new_tokens, r.overlong.cache_tokens, r.overlong.penalty)
             per_function["overlong_penalty"] = penalty
@@ -125,14 +150,13 @@ class CISPOTrainer(TrainLoop):
         group_ids = np.repeat(np.arange(r.num_prompts), g)
         adv, info = group_advantages(rewards, group_ids, std=self.cfg.cispo.advantage_std)
         _, zero_G = zero_std_groups(rewards, group_ids)
-        width = prompt_width([len(p.ids) for p in prompts], getattr(self.data, "prompt_len", None))
-        packed = pack_rollouts([p.ids for p in rows], results, width, r.max_new_tokens)
-        return {"prompts": prompts, "results": results, "rows": rows, "rewards": true_rewards, "adv": adv,
-                "info": info, "zero_G": zero_G, "per_function": per_function, "packed": packed, "lengths": lengths,
-                "time_gen": t_gen, "time_reward": t_reward}
+        return {"prompt_ids": prompt_ids, "results": results, "rewards": true_rewards, "adv": adv, "info": info,
+                "zero_G": zero_G, "per_function": per_function, "lengths": lengths, "time_gen": t_gen,
+                "time_reward": t_reward}
 
     def _select_groups(self, rounds: list[dict]) -> tuple[dict, int]:
-        """Rows of the step: with dynamic sampling the first `num_prompts` groups with non-equal rewards over the
+        """The step's batch (device arrays of N = num_prompts·G rows, each process packing and placing only the
+        rows it holds): with dynamic sampling the first `num_prompts` groups with non-equal rewards over the
         rounds, topped up with masked-out zero-advantage groups; without it, round 0 as is."""
         r, g = self.cfg.rollout, self.cfg.rollout.group_size
         picks, fillers = [], []
@@ -145,20 +169,20 @@ class CISPOTrainer(TrainLoop):
         kept = picks[:r.num_prompts]
         chosen = kept + fillers[:r.num_prompts - len(kept)]
         keep = np.array([1.0] * len(kept) + [0.0] * (len(chosen) - len(kept)), np.float32)
-        rows = [rounds[k]["packed"] for k, _ in chosen]
-        idx = [np.arange(grp * g, (grp + 1) * g) for _, grp in chosen]
-
-        def gather(name):
-            return np.concatenate([getattr(p, name)[i] for p, i in zip(rows, idx)])
-
-        mask = gather("mask_NxL") * np.repeat(keep, g)[:, None]
-        batch = {"tokens_NxL": gather("tokens_NxL"), "valid_NxL": gather("valid_NxL"), "mask_NxL": mask,
-                 "sampler_logp_NxL": gather("sampler_logp_NxL"),
-                 "adv_N": np.concatenate([rounds[k]["adv"][i] for (k, _), i in zip(chosen, idx)]) *
-                 np.repeat(keep, g)}
+        n_rows = len(chosen) * g
+        mine = local_rows(n_rows, self.mesh)
+        source = [(chosen[i // g][0], chosen[i // g][1] * g + i % g) for i in mine]  # (round, row of the round)
+        width = prompt_width([len(ids) for rd in rounds for ids in rd["prompt_ids"]],
+                             getattr(self.data, "prompt_len", None))
+        packed = pack_rollouts([rounds[k]["prompt_ids"][i // g] for k, i in source],
+                               [rounds[k]["results"][i] for k, i in source], width, r.max_new_tokens)
+        keep_rows = keep[mine // g]
+        batch = {"tokens_NxL": packed.tokens_NxL, "valid_NxL": packed.valid_NxL,
+                 "mask_NxL": packed.mask_NxL * keep_rows[:, None], "sampler_logp_NxL": packed.sampler_logp_NxL,
+                 "adv_N": np.array([rounds[k]["adv"][i] for k, i in source], np.float32) * keep_rows}
         if self.cfg.cispo.routing_replay:
-            batch["routed_experts_NxLxNxK"] = gather("routed_experts_NxLxNxK")
-        return batch, len(kept)
+            batch["routed_experts_NxLxNxK"] = packed.routed_experts_NxLxNxK
+        return as_batch(batch, self.mesh, n_rows), len(kept)
 
     # ------------------------------------------------------------------------------------------ step
     def train_step(self, step: int) -> dict:
@@ -176,39 +200,37 @@ class CISPOTrainer(TrainLoop):
         n_rows = batch["tokens_NxL"].shape[0]
         old_logp, entropy = [], []
         replay = batch.get("routed_experts_NxLxNxK")
+        inputs = {k: batch[k] for k in ("tokens_NxL", "valid_NxL", "routed_experts_NxLxNxK") if k in batch}
         for sl in rows_per_chunk(n_rows, self.rows_per_micro):
-            arrays = {"t": batch["tokens_NxL"][sl], "v": batch["valid_NxL"][sl]}
-            if replay is not None:
-                arrays["r"] = replay[sl]
-            dev = as_batch(arrays, self.mesh)
-            lp, ent = forward_logprobs(self.params, dev["t"], dev["v"], self.model.frozen,
-                                       routed_experts_BxLxNxK=dev.get("r"), graphdef=self.model.graphdef,
-                                       param_dtypes=self.model.param_dtypes, seq_chunk=self.loss_spec.seq_chunk,
-                                       vocab_chunk=self.loss_spec.vocab_chunk)
+            dev = take_rows(inputs, np.arange(sl.start, sl.stop, dtype=np.int32), self.mesh)
+            lp, ent = forward_logprobs(self.params, dev["tokens_NxL"], dev["valid_NxL"], self.model.frozen,
+                                       routed_experts_BxLxNxK=dev.get("routed_experts_NxLxNxK"),
+                                       graphdef=self.model.graphdef, param_dtypes=self.model.param_dtypes,
+                                       seq_chunk=self.loss_spec.seq_chunk, vocab_chunk=self.loss_spec.vocab_chunk)
             old_logp.append(lp)
             entropy.append(ent)
-        old_logp_NxL = np.asarray(jnp.concatenate(old_logp), np.float32)
-        entropy_NxL = np.asarray(jnp.concatenate(entropy), np.float32)
-        agreement = probability_agreement(batch["sampler_logp_NxL"], old_logp_NxL, batch["mask_NxL"])
+        old_logp_NxL = jnp.concatenate(old_logp) if len(old_logp) > 1 else old_logp[0]
+        host = {k: array_to_host(v) for k, v in (("sampler_logp_NxL", batch["sampler_logp_NxL"]),
+                                                 ("old_logp_NxL", old_logp_NxL), ("mask_NxL", batch["mask_NxL"]),
+                                                 ("entropy_NxL", jnp.concatenate(entropy)))}
+        host["valid_tokens"] = int(array_to_host(jnp.sum(batch["valid_NxL"])))
+        agreement = probability_agreement(host["sampler_logp_NxL"], host["old_logp_NxL"], host["mask_NxL"])
 
-        # μ minibatch updates per epoch over shuffled prompt groups.
+        # μ minibatch updates per epoch over shuffled prompt groups, cut from the step's batch on device.
+        step_batch = {"tokens_BxL": batch["tokens_NxL"], "valid_BxL": batch["valid_NxL"],
+                      "mask_BxL": batch["mask_NxL"], "old_logp_BxL": old_logp_NxL, "adv_B": batch["adv_N"]}
+        if replay is not None:
+            step_batch["routed_experts_BxLxNxK"] = replay
         g = r.group_size
         update_stats = []
         for _ in range(c.epochs):
             order = self.rng.permutation(r.num_prompts)
             for j in range(c.num_minibatches):
                 groups = order[j * self.groups_per_minibatch:(j + 1) * self.groups_per_minibatch]
-                rows = np.concatenate([np.arange(gr * g, (gr + 1) * g) for gr in groups])
+                rows = np.concatenate([np.arange(gr * g, (gr + 1) * g) for gr in groups]).astype(np.int32)
                 group_ids = np.repeat(np.arange(len(groups)), g).astype(np.int32)
-                mask = batch["mask_NxL"][rows]
-                denom = token_normalizer(jnp.asarray(mask), jnp.asarray(group_ids), normalization=c.normalization,
-                                         num_groups=len(groups))
-                arrays = {"tokens_BxL": batch["tokens_NxL"][rows], "valid_BxL": batch["valid_NxL"][rows],
-                          "mask_BxL": mask, "old_logp_BxL": old_logp_NxL[rows],
-                          "adv_B": batch["adv_N"][rows].astype(np.float32), "denom_B": np.asarray(denom)}
-                if replay is not None:
-                    arrays["routed_experts_BxLxNxK"] = replay[rows]
-                mb = as_batch(arrays, self.mesh)
+                mb = gather_minibatch(step_batch, rows, group_ids, mesh=self.mesh, normalization=c.normalization,
+                                      num_groups=len(groups))
                 self.params, self.opt_state, stats = update_step(
                     self.params, self.opt_state, mb, c.entropy_coef_at(step), self.model.frozen,
                     graphdef=self.model.graphdef,
@@ -217,19 +239,21 @@ class CISPOTrainer(TrainLoop):
                 update_stats.append(stats)
         update_stats = [to_host(s) for s in update_stats]
         t_update = time.perf_counter() - t0
-        return self._metrics(step, rounds, batch, kept_groups, entropy_NxL, agreement, update_stats,
-                             t_rollout, t_update, time.perf_counter() - t_start)
+        return self._metrics(step, rounds, host, kept_groups, agreement, update_stats, t_rollout, t_update,
+                             time.perf_counter() - t_start)
 
     # ------------------------------------------------------------------------------------------ metrics
-    def _metrics(self, step, rounds, batch, kept_groups, entropy_NxL, agreement, update_stats, t_rollout, t_update,
-                 t_step) -> dict:
+    def _metrics(self, step, rounds, host, kept_groups, agreement, update_stats, t_rollout, t_update, t_step) -> dict:
+        """The step's metrics line (`host`: the step's mask, entropy and valid-token count on this host)."""
         first = rounds[0]
         rewards, lengths = first["rewards"], first["lengths"]
         reasons = [res.finish_reason for res in first["results"]]
         m = {"step": step, "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards))}
         for name, values in first["per_function"].items():
             m[f"reward/{name}"] = float(np.mean(values))
-        m.update(self.data.batch_metrics([p.ids for p in first["rows"]], [res.tokens for res in first["results"]]))
+        g = self.cfg.rollout.group_size
+        m.update(self.data.batch_metrics([first["prompt_ids"][i // g] for i in range(len(first["results"]))],
+                                         [res.tokens for res in first["results"]]))
         m["frac_zero_std"] = float(first["info"]["frac_zero_std"])
         m["response_len_mean"] = float(np.mean(lengths))
         m["truncation_rate"] = float(np.mean([x == "length" for x in reasons]))
@@ -237,8 +261,8 @@ class CISPOTrainer(TrainLoop):
         if self.cfg.rollout.dynamic_sampling_rounds:
             m["ds_rounds"] = len(rounds)
             m["ds_kept_groups"] = kept_groups
-        resp = batch["mask_NxL"] > 0
-        m["entropy"] = float(np.mean(entropy_NxL[resp])) if resp.any() else 0.0
+        resp = host["mask_NxL"] > 0
+        m["entropy"] = float(np.mean(host["entropy_NxL"][resp])) if resp.any() else 0.0
         m.update(agreement)
         n_tok = np.array([s["num_tokens"] for s in update_stats])
         w = n_tok / max(n_tok.sum(), 1.0)
@@ -254,7 +278,7 @@ class CISPOTrainer(TrainLoop):
         m["lr"] = self.learning_rate()
         m["num_updates"] = len(update_stats)
         response_tokens = int(resp.sum())
-        trained_tokens = int(batch["valid_NxL"].sum()) * self.cfg.cispo.epochs
+        trained_tokens = host["valid_tokens"] * self.cfg.cispo.epochs
         m["response_tokens"] = response_tokens
         m["time_step_s"] = t_step
         m["time_rollout_s"] = t_rollout

@@ -7,8 +7,14 @@ import sys
 
 
 def cmd_train(args) -> int:
-    """Load and validate the run config, build the trainer, train (resuming from its checkpoints)."""
+    """Load and validate the run config, build the trainer, train (resuming from its checkpoints); with
+    `--coordinator`, as one process of a multi-process job (`m1jax.train.distributed`)."""
     from m1jax.train.run_config import load_run_config
+
+    if args.coordinator:
+        from m1jax.train.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -55,4 +61,9 @@ def add_subcommands(subparsers) -> None:
         p.add_argument("--seed", type=int, help="override seed")
         p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints (start from step 0)")
         p.add_argument("--validate-only", action="store_true", help="validate the config, build the model, exit")
+        p.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="multi-process run: address of process 0's coordinator (start the same command on every "
+                            "process, each with its --process-id)")
+        p.add_argument("--num-processes", type=int, default=1, help="multi-process run: number of processes")
+        p.add_argument("--process-id", type=int, default=0, help="multi-process run: this process's index")
         p.set_defaults(func=cmd_train)

@@ -2,7 +2,9 @@
 
 Every source draws from its own `numpy.random.Generator` seeded from the run seed; `state_dict()` /
 `load_state_dict()` capture the generator state and the position in the data, so a resumed run reads exactly
-the prompts/batches the uninterrupted run would have read.
+the prompts/batches the uninterrupted run would have read. In a run of several processes every process advances
+its source by the whole step's draw (so the state is one value) and builds only its share of it (`share` /
+`rows`, see `m1jax.train.distributed`).
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class Reverse3Prompts:
         self.rng = stream_rng(seed, DATA_STREAM)
         self.drawn = 0
 
-    def next_batch(self, n: int) -> list[Prompt]:
+    def next_batch(self, n: int, share: slice = slice(None)) -> list[Prompt]:
+        """Prompts `share` of the next `n` (the state advances by `n`)."""
         prompts_NxP, _ = reverse3.sample_prompts(self.rng, n)
         self.drawn += n
-        return [Prompt(ids=p.tolist(), text=reverse3.decode(p)) for p in prompts_NxP]
+        return [Prompt(ids=p.tolist(), text=reverse3.decode(p)) for p in prompts_NxP[share]]
 
     def decode(self, ids) -> str:
         return reverse3.decode(ids)
@@ -151,8 +154,9 @@ class JsonlPrompts:
             self.prompts.append(Prompt(ids=list(ids), text=text, fields=fields))
         self.order = _EpochOrder(len(self.prompts), seed)
 
-    def next_batch(self, n: int) -> list[Prompt]:
-        return [self.prompts[i] for i in self.order.take(n)]
+    def next_batch(self, n: int, share: slice = slice(None)) -> list[Prompt]:
+        """Prompts `share` of the next `n` (the position advances by `n`)."""
+        return [self.prompts[i] for i in self.order.take(n)[share]]
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -217,12 +221,16 @@ class SftExamples:
             return list(value)
         raise DataError(f"{where}: '{key}' must be text or a list of token ids")
 
-    def next_batch(self, batch_size: int) -> TokenBatch:
-        b, l = batch_size, self.seq_len
+    def next_batch(self, batch_size: int, rows=None) -> TokenBatch:
+        """Rows `rows` (indices into the batch, default all) of the next `batch_size` sequences (the position
+        advances by `batch_size`)."""
+        picked = self.order.take(batch_size)
+        picked = picked if rows is None else [picked[r] for r in rows]
+        b, l = len(picked), self.seq_len
         tokens = np.zeros((b, l), np.int32)
         valid = np.zeros((b, l), bool)
         mask = np.zeros((b, l), np.float32)
-        for row, i in enumerate(self.order.take(batch_size)):
+        for row, i in enumerate(picked):
             ids, start = self.examples[i]
             tokens[row, :len(ids)] = ids
             valid[row, :len(ids)] = True

@@ -10,6 +10,10 @@ and data-sampler state come back from the latest checkpoint, metrics.jsonl is cu
 run continues with exactly the numbers the uninterrupted run would have produced (every random choice derives
 from the run seed and the restored generator states; rollout seeds from (seed, step, prompt, sample)).
 
+Several processes (`m1jax.train.distributed`): the loop runs the same steps on every process over one mesh
+spanning all their devices; metrics.jsonl, the progress line and model_config.json are written by process 0,
+checkpoints by all processes together (orbax).
+
 Testing hook: the environment variable `M1JAX_TRAIN_KILL_AT_STEP=k` sends SIGKILL to the process right after
 step k's metrics line is written (before its checkpoint), to test resume after a crash.
 """
@@ -23,18 +27,21 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 
 import jax
 import numpy as np
 from m1jax.train.checkpointing import TrainCheckpointer
 from m1jax.train.data_sources import stream_rng
+from m1jax.train.distributed import is_primary, process_rows
 from m1jax.train.metrics_log import MetricsLog
 from m1jax.train.model_setup import ModelBundle, build_model, is_abstract, save_model_config
 from m1jax.train.optim import learning_rate_schedule, optimizer_step_count, schedule_horizon
 from m1jax.train.run_config import RunConfig, RunConfigError
 from m1jax.train.update import abstract_optimizer_state, init_optimizer_state
 
-from m1jax.sharding import make_mesh
+from m1jax.generation import to_host as array_to_host
+from m1jax.sharding import make_mesh, named_sharding
 
 KILL_ENV = "M1JAX_TRAIN_KILL_AT_STEP"
 TRAINER_STREAM = 2
@@ -55,6 +62,9 @@ class TrainLoop:
         self.output_dir = cfg.output_dir
         os.makedirs(self.output_dir, exist_ok=True)
         self.mesh = make_mesh(dict(cfg.mesh)) if cfg.mesh else None
+        if self.mesh is None and jax.process_count() > 1:
+            raise RunConfigError(f"run config field 'mesh': a run of {jax.process_count()} processes needs a mesh over "
+                                 f"all {jax.device_count()} devices, e.g. mesh: {{data: {jax.device_count()}}}")
         self.horizon = schedule_horizon(cfg.optimizer, cfg.optimizer_steps)  # the jit static of the schedule
         self.checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
         # A run that will resume gets shapes and shardings only: the restore fills them (no init to throw away).
@@ -65,10 +75,11 @@ class TrainLoop:
         self.schedule = learning_rate_schedule(cfg.optimizer, self.horizon)
         self.rng = stream_rng(cfg.seed, TRAINER_STREAM)
         self.step = 0
-        save_model_config(self.model.config, cfg.checkpoint_dir,
-                          cfg.model.model_dump(mode="json", exclude_none=True))
+        if is_primary():
+            save_model_config(self.model.config, cfg.checkpoint_dir,
+                              cfg.model.model_dump(mode="json", exclude_none=True))
         self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), progress=cfg.log.progress,
-                                  tensorboard=cfg.log.tensorboard, total_steps=cfg.steps)
+                                  tensorboard=cfg.log.tensorboard, total_steps=cfg.steps, enabled=is_primary())
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.data = None
         self.started = time.perf_counter()
@@ -172,23 +183,54 @@ def load_tokenizer(path: str | None):
 
 
 def to_host(tree) -> dict:
-    """Device scalars → Python floats (one transfer)."""
-    return {k: float(v) for k, v in jax.device_get(tree).items()}
+    """Device scalars → Python floats (global arrays of several processes included)."""
+    return {k: float(array_to_host(v)) for k, v in tree.items()}
 
 
 def rows_per_chunk(n_rows: int, chunk: int) -> list[slice]:
     return [slice(i, min(i + chunk, n_rows)) for i in range(0, n_rows, chunk)]
 
 
-def as_batch(arrays: dict, mesh) -> dict:
-    """Host arrays → device arrays, rows sharded over the mesh's batch axes when there is a mesh."""
+def batch_sharding(shape, mesh):
+    """The layout of a trainer batch array: rows over the mesh's batch axes (`sharding.RULES["batch"]`)."""
+    return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def local_rows(n_rows: int, mesh) -> np.ndarray:
+    """Indices of the rows of an `n_rows`-row trainer batch that this process feeds (all rows with one process)."""
+    return process_rows(n_rows, None if mesh is None else batch_sharding((n_rows,), mesh))
+
+
+def as_batch(arrays: dict, mesh, n_rows: int | None = None) -> dict:
+    """Host arrays → device arrays of an `n_rows`-row batch, rows sharded over the mesh's batch axes.
+
+    `arrays` hold this process's rows of the batch, `local_rows(n_rows, mesh)` in that order (with one process:
+    every row; `n_rows` None: the arrays are the whole batch); each process places only those rows
+    (`jax.make_array_from_process_local_data`), so no host ever holds the whole batch."""
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in arrays.items()}
-    from m1jax.sharding import named_sharding
-
     out = {}
     for k, v in arrays.items():
         v = np.asarray(v)
-        axes = ("batch",) + (None,) * (v.ndim - 1)
-        out[k] = jax.device_put(v, named_sharding(axes, v.shape, mesh))
+        shape = (v.shape[0] if n_rows is None else n_rows,) + v.shape[1:]
+        expected = len(local_rows(shape[0], mesh))
+        if v.shape[0] != expected:
+            raise ValueError(f"batch array {k!r}: this process feeds {expected} of its {shape[0]} rows, got "
+                             f"{v.shape[0]}")
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(shape, mesh), v, shape)
     return out
+
+
+def select_rows(arrays: dict, rows_R, mesh=None) -> dict:
+    """Rows `rows_R` of every batch array (traceable), laid out like a batch over `mesh` (None: no constraint)."""
+    out = {}
+    for k, x in arrays.items():
+        y = jax.numpy.take(x, rows_R, axis=0)
+        out[k] = y if mesh is None else jax.lax.with_sharding_constraint(y, batch_sharding(y.shape, mesh))
+    return out
+
+
+@partial(jax.jit, static_argnames=("mesh",))
+def take_rows(arrays: dict, rows_R, mesh=None) -> dict:
+    """`select_rows` on device: a sub-batch of a (global) batch without passing through any host."""
+    return select_rows(arrays, rows_R, mesh)

@@ -1,6 +1,7 @@
 """Per-step metrics: `metrics.jsonl` (one JSON object per step, flushed and fsync-ed), a progress line on
 stderr, optional TensorBoard. On resume the file is cut back to the restored step, so a killed-and-resumed run
-leaves the same lines as an uninterrupted one (except the `TIMING_FIELDS`).
+leaves the same lines as an uninterrupted one (except the `TIMING_FIELDS`). In a run of several processes only
+process 0's log is `enabled`; the others write nothing.
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ def _plain(value):
 
 
 class MetricsLog:
-    """Append-only JSONL metrics with crash-safe writes."""
+    """Append-only JSONL metrics with crash-safe writes; `enabled=False`: a log that writes nothing."""
 
-    def __init__(self, path: str | Path, *, progress: bool = True, tensorboard: bool = False, total_steps: int = 0):
+    def __init__(self, path: str | Path, *, progress: bool = True, tensorboard: bool = False, total_steps: int = 0,
+                 enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.total_steps = total_steps
-        self.tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
+        self.tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard and enabled else None
 
     def truncate_after(self, step: int) -> int:
         """Keep the lines with `step` ≤ `step` (and drop a torn last line); returns how many were kept."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return 0
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -53,6 +57,8 @@ class MetricsLog:
         return len(kept)
 
     def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
         line = json.dumps({k: _plain(v) for k, v in metrics.items()}, sort_keys=False)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")

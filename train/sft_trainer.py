@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
+import jax.numpy as jnp
 from m1jax.train.data_sources import SftExamples
-from m1jax.train.loop import TrainLoop, as_batch, to_host
+from m1jax.train.loop import TrainLoop, as_batch, local_rows, to_host
 from m1jax.train.losses import token_normalizer
 from m1jax.train.run_config import RunConfig
 from m1jax.train.update import LossSpec, update_step
@@ -32,18 +32,20 @@ class SFTTrainer(TrainLoop):
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        tb = self.data.next_batch(cfg.sft.batch_size)
-        denom = np.asarray(token_normalizer(tb.mask_BxL, normalization="batch"))
-        batch = as_batch({"tokens_BxL": tb.tokens_BxL, "valid_BxL": tb.valid_BxL, "mask_BxL": tb.mask_BxL,
-                          "denom_B": denom}, self.mesh)
+        n = cfg.sft.batch_size
+        tb = self.data.next_batch(n, local_rows(n, self.mesh))  # this process's rows of the step's batch
+        batch = as_batch({"tokens_BxL": tb.tokens_BxL, "valid_BxL": tb.valid_BxL, "mask_BxL": tb.mask_BxL}, self.mesh,
+                         n)
+        batch["denom_B"] = token_normalizer(batch["mask_BxL"], normalization="batch")  # N over the whole step
+        tokens = jnp.sum(batch["valid_BxL"])
         self.params, self.opt_state, stats = update_step(
             self.params, self.opt_state, batch, 0.0, self.model.frozen, graphdef=self.model.graphdef,
             param_dtypes=self.model.param_dtypes,
             spec=self.loss_spec, optimizer=cfg.optimizer, total_steps=self.horizon,
             micro_batches=cfg.sft.micro_batches)
-        stats = to_host(stats)
+        stats = to_host({**stats, "tokens": tokens})
         dt = time.perf_counter() - t0
-        tokens = int(tb.valid_BxL.sum())
+        tokens = int(stats["tokens"])
         return {"step": step, "loss": stats["loss"], "nll": stats["nll"], "num_tokens": int(stats["num_tokens"]),
                 "grad_norm": stats["grad_norm"], "lr": self.learning_rate(), "epoch": self.data.order.epoch,
                 "time_step_s": dt, "time_update_s": dt, "tokens_per_s": tokens / max(dt, 1e-9)}
