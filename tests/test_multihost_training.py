@@ -1,6 +1,7 @@
 """The multi-host trainer (`m1jax.train.distributed`): the share helpers (fast), and (slow) the reverse-3 CISPO
-example and an SFT run as 2 processes × 4 CPU devices (gloo, `m1jax train ... --coordinator`) equal to 1 process
-× 8 devices with the same global config and seed, including a resume of the 2-process run.
+example (plain, and with the options whose rows cross processes) and an SFT run as 2 processes × 4 CPU devices
+(gloo, `m1jax train ... --coordinator`) equal to 1 process × 8 devices with the same global config and seed,
+including a resume of the 2-process run.
 
 Tolerance of the slow tests: the programs are the same SPMD programs over the same global mesh; only the
 collectives differ (gloo across processes vs in-process), which sum partial results in another order. Losses and
@@ -175,6 +176,22 @@ def test_two_process_cispo_equals_one_process_and_resumes(tmp_path):
     _compare(tmp_path / "two", tmp_path / "one", 4, ("reward_mean", "reward_std", "exact_match",
                                                      "response_len_mean", "response_tokens", "frac_zero_std"),
              model_config, check_steps=(2,))
+
+
+@pytest.mark.slow
+def test_two_process_cispo_options_equal_one_process(tmp_path):
+    """The options whose rows cross processes: dynamic sampling (groups picked over 2 rounds from the whole batch),
+    the shuffled-reward control (a permutation over all processes' rewards), the overlong penalty and routing
+    replay (each process packs the routed experts of its rows): 2 steps, 2 processes equal 1 process."""
+    overrides = {"mesh": MESH, "steps": 2, "control": "shuffle_rewards", "cispo.routing_replay": True,
+                 "rollout.dynamic_sampling": {"max_rounds": 2}, "rollout.overlong": {"cache_tokens": 2, "penalty": 0.5}}
+    two = write_config(tmp_path / "two.yaml", tmp_path / "two", **overrides)
+    _train_processes("cispo", two, tmp_path / "logs", steps=2)
+    one = write_config(tmp_path / "one.yaml", tmp_path / "one", **overrides)
+    _train_one_process("cispo", one, tmp_path / "one")
+    _compare(tmp_path / "two", tmp_path / "one", 2, ("reward_mean", "reward/overlong_penalty", "ds_rounds",
+                                                     "ds_kept_groups", "response_tokens"),
+             load_run_config(EXAMPLE, "cispo").source["model"]["config"])
 
 
 @pytest.mark.slow
