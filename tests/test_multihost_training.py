@@ -144,16 +144,23 @@ def _params(run_dir: Path, step: int, model_config: dict) -> list[np.ndarray]:
 
 
 def _compare(two: Path, one: Path, steps: int, exact: tuple[str, ...], model_config: dict, check_steps=()) -> None:
+    """Assert the 2-process run `two` equals the 1-process run `one` (see the module docstring); prints the largest
+    differences."""
     a, b = read_metrics(two / "metrics.jsonl"), read_metrics(one / "metrics.jsonl")
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))  # one writer
+    diffs = {}
     for x, y in zip(a, b, strict=True):
         for key in exact:
             assert x[key] == y[key], (x["step"], key)
         for key in ("loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+            diffs[f"{key} rel"] = max(diffs.get(f"{key} rel", 0.0), abs(x[key] - y[key]) / max(abs(y[key]), 1e-30))
     for step in (*check_steps, steps):
         for p, q in zip(_params(two, step, model_config), _params(one, step, model_config), strict=True):
             np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+            diffs["params abs"] = max(diffs.get("params abs", 0.0), float(np.max(np.abs(p - q))))
+    print(f"{two.parent.name}: 2 processes vs 1, largest differences over {steps} steps: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
 
 
 @pytest.mark.slow
