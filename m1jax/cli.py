@@ -238,6 +238,9 @@ def cmd_plan(args) -> int:
                           layers=args.layers, chunk=args.chunk, lightning_impl=args.lightning_impl,
                           moe_impl=args.moe_impl, scan=args.scan, remat=args.remat,
                           micro_batches=args.micro_batches, logprob_chunk=args.logprob_chunk,
+                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                          lora_targets=None if args.lora_targets is None else tuple(
+                              t.strip() for t in args.lora_targets.split(",")),
                           compile=not args.no_compile)
         if req.compile and topo.tpu_topology is not None:
             ensure_tpu_compiler(sys.argv[1:] if args.argv is None else args.argv)
@@ -373,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", help="rematerialisation policy per scanned group (train), e.g. full")
     p.add_argument("--micro-batches", type=int, default=1, help="train: gradient accumulation steps per update")
     p.add_argument("--logprob-chunk", type=int, help="train: positions per chunk of the fp32 head's log-probs")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (train: only they are "
+                   "trained, the base is frozen with no master copy or optimizer state)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale α (default: 2 · rank)")
+    p.add_argument("--lora-targets", help="LoRA targets, comma-separated: attention,experts (the default)")
     p.add_argument("--no-compile", action="store_true", help="shape arithmetic only (no libtpu needed)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan, argv=None)

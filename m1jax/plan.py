@@ -20,7 +20,10 @@ an empty cache of `context` slots; `train` = one full fine-tuning step, the trai
 `m1jax.train.update.update_step`: the CISPO loss over `batch` sequences of `context` tokens (bf16 compute, fp32 head,
 log-probs in chunks of `logprob_chunk` positions), its gradient (accumulated over `micro_batches`) and the AdamW
 update of the fp32 master weights (weights = the master copy, plus the optimizer's two fp32 moments per weight;
-the compute dtype is cast where each layer reads its weights, so no bf16 copy is held).
+the compute dtype is cast where each layer reads its weights, so no bf16 copy is held). With `lora_rank` > 0 the
+step is the trainer's LoRA step (`m1jax.lora`): the base weights are a frozen argument in their compute dtypes
+(bf16, int8 experts with `quantize`), with no master copy and no optimizer state; only the adapters have fp32
+masters, gradients and AdamW moments (`train_state`).
 
 GPU hosts (and `--no-compile`) get the same report from arithmetic on the shapes alone (marked as estimates).
 Without `--mesh`, candidate meshes are ranked by that arithmetic (fits, then smallest estimated step time)
@@ -68,6 +71,9 @@ class PlanRequest:
     remat: str | None = None  # per scanned group (config.remat), e.g. "full" for long training contexts
     micro_batches: int = 1  # train: gradient accumulation steps per update (rows per micro-batch = batch / this)
     logprob_chunk: int | None = None  # train: positions per chunk of the fp32 head's log-probs (None: all)
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank (ModelConfig.lora_rank; train: only they are trained)
+    lora_alpha: float | None = None  # ModelConfig.lora_alpha (None: 2 · rank, as the trainer's model.lora)
+    lora_targets: tuple[str, ...] | None = None  # ModelConfig.lora_targets (None: attention and experts)
     compile: bool = True
 
 
@@ -93,13 +99,20 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 
 
 def model_config(req: PlanRequest):
-    """The request's `ModelConfig` in bf16 (weights and compute; train: fp32 master weights), with `--layers`,
-    `--quantize` and the impls."""
+    """The request's `ModelConfig` in bf16 (weights and compute; full fine-tuning: fp32 master weights, LoRA: the
+    bf16 base the trainer freezes), with `--layers`, `--quantize`, the LoRA fields (validated by `ModelConfig`)
+    and the impls."""
     import dataclasses as dc
 
     from m1jax.config import ModelConfig
 
-    runtime = {"dtype": "bfloat16", "param_dtype": "float32" if req.mode == "train" else "bfloat16",
+    if req.lora_rank == 0 and (req.lora_alpha is not None or req.lora_targets is not None):
+        raise PlanError("--lora-alpha and --lora-targets need --lora-rank (the adapters' rank, ≥ 1)")
+    if req.mode == "train" and req.quantize is not None and req.lora_rank == 0:
+        raise PlanError(f"--quantize {req.quantize} in --mode train needs --lora-rank: int8 experts cannot be "
+                        f"trained, only frozen under LoRA adapters")
+    full_train = req.mode == "train" and req.lora_rank == 0
+    runtime = {"dtype": "bfloat16", "param_dtype": "float32" if full_train else "bfloat16",
                "lightning_impl": req.lightning_impl, "moe_impl": req.moe_impl}
     path = Path(req.model)
     config = ModelConfig.from_json_file(path, **runtime) if path.suffix == ".json" or path.is_file() else \
@@ -111,6 +124,11 @@ def model_config(req: PlanRequest):
     fields = {f.name for f in dc.fields(ModelConfig)}
     extra = {"quantize": ("quantize", req.quantize, req.quantize), "remat": ("remat", req.remat, req.remat),
              "scan": ("scan_layers", req.scan, {"on": True, "off": False, "auto": "auto"}.get(req.scan))}
+    if req.lora_rank:
+        alpha = float(2 * req.lora_rank if req.lora_alpha is None else req.lora_alpha)
+        extra.update({"lora-rank": ("lora_rank", req.lora_rank, req.lora_rank),
+                      "lora-alpha": ("lora_alpha", alpha, alpha),
+                      "lora-targets": ("lora_targets", req.lora_targets, req.lora_targets)})
     for flag, (name, given, value) in extra.items():
         if given is None:
             continue
@@ -137,32 +155,92 @@ def _shard_bytes(x) -> int:
     return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """The parameter arguments of the trainer's `update_step`, abstract and sharded (`jax.ShapeDtypeStruct`s):
+    `masters` the fp32 trained parameters (every weight, or the LoRA adapters), `frozen` the base weights in
+    their compute dtypes (LoRA; None for full fine-tuning), `param_dtypes` the masters' compute dtypes (static),
+    `graphdef` the model structure these merge into (3-way split with LoRA, as `ModelBundle`)."""
+
+    graphdef: object
+    masters: object
+    frozen: object
+    param_dtypes: tuple[str, ...]
+
+
+def train_state(config, mesh) -> TrainState:
+    """The update step's parameters for `config` (`model_config` of a train request) on `mesh` (a device mesh or
+    an `abstract_mesh`), laid out as `m1jax.train.model_setup.build_model` holds them: full fine-tuning: every
+    parameter an fp32 master; LoRA: the adapters fp32 masters, the rest frozen in `config`'s dtypes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from m1jax.lora import LoRAParam
+    from m1jax.train.model_setup import compute_dtypes
+
+    graphdef, state = _abstract_state(config)
+    if config.lora_rank == 0:
+        return TrainState(graphdef, sharded(state, mesh), None,  # (config: fp32 params)
+                          compute_dtypes(config.replace(param_dtype="bfloat16")))
+    graphdef, adapters, frozen = nnx.split(nnx.merge(graphdef, state), LoRAParam, ...)
+    dtypes = tuple(jnp.dtype(x.dtype).name for x in jax.tree.leaves(adapters))
+    return TrainState(graphdef, sharded(adapters, mesh, jnp.float32), sharded(frozen, mesh), dtypes)
+
+
+def sharded(tree, mesh, dtype=None):
+    """`tree` (abstract parameters) as `jax.ShapeDtypeStruct`s of `dtype` (default: their own) carrying the
+    rules' `NamedSharding` on `mesh`."""
+    import jax
+
+    from m1jax.loading import param_shardings
+
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree,
+                        param_shardings(tree, mesh))
+
+
 @functools.lru_cache(maxsize=8)
-def _abstract_params(config):
+def _abstract_state(config):
     from m1jax.loading import abstract_model
 
-    return abstract_model(config)[1]
+    return abstract_model(config)
+
+
+def _is_expert(path) -> bool:
+    from m1jax.modules.moe import EXPERT_WEIGHTS
+
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    return "block_sparse_moe" in names and any(n in EXPERT_WEIGHTS for n in names[-2:])
 
 
 def per_chip_bytes(config, mode: str, batch: int, context: int, mesh_shape: dict[str, int]) -> dict[str, int]:
-    """Bytes per chip of `weights` (of which `experts`) and `cache` under the sharding rules."""
+    """Bytes per chip under the sharding rules: `weights` (every parameter as held in `mode`; train: the fp32
+    masters plus the frozen base), of which `experts` (the routed experts' stacks), `masters` (train: the fp32
+    trained parameters) and `frozen` (train with LoRA: the base in its compute dtypes); `cache`; and
+    `adapter_params`, the number of LoRA adapter parameters in the model (not per chip)."""
     import jax
+    from flax import nnx
 
     from m1jax.cache import abstract_cache
-    from m1jax.loading import param_shardings
-    from m1jax.modules.moe import EXPERT_WEIGHTS
+    from m1jax.lora import LoRAParam
 
     mesh = abstract_mesh(mesh_shape)
-    params = _abstract_params(config)
-    shardings = param_shardings(params, mesh)
-    totals = {"weights": 0, "experts": 0, "cache": 0}
-    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings), strict=True):
-        b = _shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        totals["weights"] += b
-        if "block_sparse_moe" in names and any(n in EXPERT_WEIGHTS for n in names[-2:]):
-            totals["experts"] += b
-    if mode != "train":
+    totals = dict.fromkeys(("weights", "experts", "masters", "frozen", "cache", "adapter_params"), 0)
+    totals["adapter_params"] = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        nnx.state(nnx.merge(*_abstract_state(config)), LoRAParam)))
+    if mode == "train":
+        st = train_state(config, mesh)
+        parts = {"masters": st.masters, "frozen": st.frozen}
+    else:
+        parts = {"weights": sharded(_abstract_state(config)[1], mesh)}
+    for part, tree in parts.items():
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            b = _shard_bytes(x)
+            totals[part] += b
+            totals["experts"] += b if _is_expert(path) else 0
+    if mode == "train":
+        totals["weights"] = totals["masters"] + totals["frozen"]
+    else:
         totals["cache"] = sum(_shard_bytes(x) for x in jax.tree.leaves(abstract_cache(config, batch, context,
                                                                                        mesh=mesh)))
     return totals
@@ -182,7 +260,7 @@ class Estimate:
     """Arithmetic on the shapes for one mesh (per chip): memory, FLOPs, HBM bytes, collective bytes."""
 
     mesh: dict[str, int]
-    weights: int
+    weights: int  # every parameter held (train: masters + frozen)
     experts: int
     cache: int
     grads: int
@@ -192,6 +270,9 @@ class Estimate:
     hbm_bytes: float
     floor_bytes: float
     collective_bytes: float
+    masters: int = 0  # train: fp32 trained parameters (all, or the LoRA adapters)
+    frozen: int = 0  # train with LoRA: the base in its compute dtypes
+    adapter_params: int = 0  # LoRA adapter parameters in the model
 
     def peak(self) -> int:
         return self.weights + self.grads + self.optimizer + self.cache + self.activations
@@ -233,14 +314,14 @@ def estimate(config, topo: Topology, mode: str, batch: int, context: int, mesh_s
     width = max(3 * h * hd / tensor, 2 * k * config.intermediate_size / tensor, d)
     activations = int(local_tokens * (d * 2 + width * 4))
     grads = optimizer = 0
-    if mode == "train":  # fp32 master weights, gradients and two AdamW moments; one micro-batch's activations
+    if mode == "train":  # fp32 masters, their gradients and two AdamW moments; one micro-batch's activations
         micro_tokens = local_tokens / micro_batches
         activations = int(micro_tokens * (d * 2 + width * 4))
         saved = config.scan_groups or layers if config.remat != "none" else layers * 4  # D-wide tensors kept
         activations += int(micro_tokens * d * 2 * saved)
-        grads, optimizer = mem["weights"], 2 * mem["weights"]
+        grads, optimizer = mem["masters"], 2 * mem["masters"]
     return Estimate(dict(mesh_shape), mem["weights"], mem["experts"], mem["cache"], grads, optimizer, activations,
-                    flops, hbm, floor, coll)
+                    flops, hbm, floor, coll, mem["masters"], mem["frozen"], mem["adapter_params"])
 
 
 def step_time(topo: Topology, flops: float, hbm_bytes: float, collective_bytes: float) -> float:
@@ -309,6 +390,8 @@ def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | N
     from m1jax.loading import abstract_sharded_model
     from m1jax.sampling import SamplingParams
 
+    if mode == "train":
+        return lower_update_step(config, batch, context, mesh, micro_batches, logprob_chunk)
     graphdef, params = abstract_sharded_model(config, mesh)
     i32 = jnp.int32
     if mode == "decode":
@@ -325,23 +408,23 @@ def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | N
         toks = _abstract((batch, c), i32, ("batch", None), mesh)
         return generation._forward_chunk.lower(graphdef, params, abstract_cache(config, batch, context, mesh=mesh),
                                                toks, toks, _abstract((batch, c), jnp.bool_, ("batch", None), mesh))
-    return lower_update_step(config, graphdef, params, batch, context, mesh, micro_batches, logprob_chunk)
 
 
-def lower_update_step(config, graphdef, params, batch: int, context: int, mesh, micro_batches: int = 1,
+def lower_update_step(config, batch: int, context: int, mesh, micro_batches: int = 1,
                       logprob_chunk: int | None = None):
-    """The trainer's `update_step` (CISPO loss, AdamW on fp32 masters; see the module doc) lowered for abstract
-    sharded masters, optimizer state and a `[batch, context]` rollout batch with rows split over the batch axes."""
+    """The trainer's `update_step` (CISPO loss, AdamW on the fp32 masters of `train_state`, LoRA's frozen base
+    passed as `frozen`; see the module doc) lowered for abstract sharded masters, optimizer state (of the masters
+    only) and a `[batch, context]` rollout batch with rows split over the batch axes."""
     import jax.numpy as jnp
 
-    from m1jax.train.model_setup import compute_dtypes
     from m1jax.train.run_config import OptimizerSpec
     from m1jax.train.update import LossSpec, abstract_optimizer_state, update_step
 
     if batch % micro_batches:
         raise PlanError(f"--micro-batches {micro_batches} must divide --batch {batch}")
     optimizer = OptimizerSpec()
-    opt_state = abstract_optimizer_state(params, optimizer, 0)
+    st = train_state(config, mesh)
+    opt_state = abstract_optimizer_state(st.masters, optimizer, 0)
     rows = ("batch", None)
     data = {"tokens_BxL": _abstract((batch, context), jnp.int32, rows, mesh),
             "valid_BxL": _abstract((batch, context), jnp.bool_, rows, mesh),
@@ -349,10 +432,9 @@ def lower_update_step(config, graphdef, params, batch: int, context: int, mesh, 
             "old_logp_BxL": _abstract((batch, context), jnp.float32, rows, mesh),
             "adv_B": _abstract((batch,), jnp.float32, ("batch",), mesh),
             "denom_B": _abstract((batch,), jnp.float32, ("batch",), mesh)}
-    compute = config.replace(param_dtype="bfloat16")
-    return update_step.lower(params, opt_state, data, 0.0, graphdef=graphdef, param_dtypes=compute_dtypes(compute),
-                             spec=LossSpec("cispo", seq_chunk=logprob_chunk), optimizer=optimizer, total_steps=0,
-                             micro_batches=micro_batches)
+    return update_step.lower(st.masters, opt_state, data, 0.0, st.frozen, graphdef=st.graphdef,
+                             param_dtypes=st.param_dtypes, spec=LossSpec("cispo", seq_chunk=logprob_chunk),
+                             optimizer=optimizer, total_steps=0, micro_batches=micro_batches)
 
 
 def _expert_shapes(config) -> list[tuple[int, ...]]:
@@ -447,6 +529,11 @@ def plan(req: PlanRequest) -> dict:
         "weights_gb_per_chip": est.weights / GB, "expert_weights_gb_per_chip": est.experts / GB,
         "cache_gb_per_chip": est.cache / GB,
         "optimizer_state_gb_per_chip": est.optimizer / GB if req.mode == "train" else None,
+        "master_weights_gb_per_chip": est.masters / GB if req.mode == "train" else None,
+        "frozen_weights_gb_per_chip": est.frozen / GB if req.mode == "train" else None,
+        "lora": None if not config.lora_rank else {
+            "rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets),
+            "adapter_params": est.adapter_params},
         "remat": config.remat, "micro_batches": req.micro_batches if req.mode == "train" else None,
         "hbm_floor_ms": est.floor_bytes / topo.chip.hbm_bw * 1e3,
         "compiled": False, "compile_s": None, "estimate": True,
@@ -507,9 +594,20 @@ def format_plan(p: dict) -> str:
     lines += [f"weights per chip        {gb(p['weights_gb_per_chip'])} (experts {gb(p['expert_weights_gb_per_chip'])})",
               f"cache per chip          {gb(p['cache_gb_per_chip'])}"]
     if p["mode"] == "train":
-        lines[-2] = (f"master weights per chip {gb(p['weights_gb_per_chip'])} fp32 (experts "
-                     f"{gb(p['expert_weights_gb_per_chip'])})")
-        lines += [f"optimizer state         {gb(p['optimizer_state_gb_per_chip'])} (AdamW moments, fp32)",
+        lora = p.get("lora")
+        if lora is None:
+            lines[-2:] = [f"master weights per chip {gb(p['master_weights_gb_per_chip'])} fp32 (experts "
+                          f"{gb(p['expert_weights_gb_per_chip'])})"]
+            moments = "AdamW moments, fp32"
+        else:
+            experts = "int8" if p["quantize"] else "bf16"
+            lines[-2:] = [f"frozen base per chip    {gb(p['frozen_weights_gb_per_chip'])} bf16 (experts "
+                          f"{gb(p['expert_weights_gb_per_chip'])} {experts}): no master copy, no optimizer state",
+                          f"LoRA adapters           rank {lora['rank']}, α {lora['alpha']:g} on "
+                          f"{', '.join(lora['targets'])}: {lora['adapter_params'] / 1e6:.1f} M parameters",
+                          f"adapter masters         {gb(p['master_weights_gb_per_chip'])} fp32 per chip"]
+            moments = "AdamW moments of the adapters only, fp32"
+        lines += [f"optimizer state         {gb(p['optimizer_state_gb_per_chip'])} ({moments})",
                   f"remat                   {p['remat']} · {p['micro_batches']} micro-batch(es) · gradients and "
                   f"activations in the temporaries" if p["compiled"] else
                   f"remat                   {p['remat']} · {p['micro_batches']} micro-batch(es)"]

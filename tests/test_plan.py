@@ -198,3 +198,106 @@ def test_train_plan_counts_fp32_masters_and_adamw_moments(capsys):
     assert plans["micro"]["peak_gb_per_chip"] < p["peak_gb_per_chip"] and plans["micro"]["micro_batches"] == 4
     assert main(common + ["--mode", "train", "--micro-batches", "3"]) == 2
     assert "--micro-batches" in capsys.readouterr().err
+
+
+def _train_plan(capsys, *extra) -> dict:
+    assert main(["plan", "--topology", "v5p-8", "--model", "tiny", "--mesh", "fsdp=2,expert=2", "--batch", "8",
+                 "--context", "256", "--no-compile", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_lora_train_plan_has_no_master_copy_or_optimizer_state_of_the_base(capsys):
+    """`--mode train --lora-rank`: the update step's arguments (`plan.train_state`, what the compile lowers) hold
+    the base in its inference dtypes (bf16, router gates fp32) as `frozen` and only the adapters as fp32 masters;
+    the AdamW moments cover the adapters alone; the plan's figures are those arguments' per-chip bytes."""
+    import jax
+    import numpy as np
+    from m1jax.train.run_config import OptimizerSpec
+    from m1jax.train.update import abstract_optimizer_state
+
+    from m1jax.loading import abstract_model
+    from m1jax.plan import PlanRequest, abstract_mesh, model_config, train_state
+
+    mesh_shape = {"fsdp": 2, "expert": 2}
+    req = PlanRequest(model="tiny", topology="v5p-8", mode="train", batch=8, context=256, mesh=mesh_shape,
+                      lora_rank=4, compile=False)
+    config = model_config(req)
+    assert (config.lora_rank, config.lora_alpha, config.lora_targets) == (4, 8.0, ("attention", "experts"))
+    st = train_state(config, abstract_mesh(mesh_shape))
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(st.masters)}
+    assert names and all("_lora_" in n for n in names)
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(st.masters)} == {np.dtype("float32")}
+    # the frozen base: exactly the inference model's parameters and dtypes (no fp32 copy of a bf16 weight)
+    plain = abstract_model(model_config(PlanRequest(model="tiny", topology="v5p-8", mode="decode", batch=8,
+                                                    context=256)))[1]
+    frozen = jax.tree_util.tree_leaves_with_path(st.frozen)
+    assert [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in frozen] == \
+        [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(plain)]
+    assert sum(x.dtype == np.float32 for _, x in frozen) == config.num_hidden_layers  # the router gates only
+    opt = abstract_optimizer_state(st.masters, OptimizerSpec(), 0)
+    moments = [x for x in jax.tree.leaves(opt) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(st.masters))
+
+    full = _train_plan(capsys, "--mode", "train")
+    decode = _train_plan(capsys, "--mode", "decode")
+    p = _train_plan(capsys, "--mode", "train", "--lora-rank", "4")
+    assert p["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["attention", "experts"],
+                         "adapter_params": sum(x.size for x in jax.tree.leaves(st.masters))}
+    assert p["frozen_weights_gb_per_chip"] == decode["weights_gb_per_chip"]
+    assert p["expert_weights_gb_per_chip"] == decode["expert_weights_gb_per_chip"]
+    assert p["optimizer_state_gb_per_chip"] == pytest.approx(2 * p["master_weights_gb_per_chip"])
+    assert p["weights_gb_per_chip"] == pytest.approx(p["frozen_weights_gb_per_chip"] + p["master_weights_gb_per_chip"])
+    assert 0 < p["master_weights_gb_per_chip"] < 0.5 * full["master_weights_gb_per_chip"]
+    assert full["frozen_weights_gb_per_chip"] == 0 and full["lora"] is None
+    assert p["peak_gb_per_chip"] < full["peak_gb_per_chip"]
+    # int8 experts under the adapters: the frozen expert stacks take half the bytes (the scales are not stacks)
+    q = _train_plan(capsys, "--mode", "train", "--lora-rank", "4", "--quantize", "int8-experts")
+    assert q["expert_weights_gb_per_chip"] == pytest.approx(0.5 * p["expert_weights_gb_per_chip"])
+    assert q["frozen_weights_gb_per_chip"] < p["frozen_weights_gb_per_chip"]
+    assert q["master_weights_gb_per_chip"] == p["master_weights_gb_per_chip"]
+    assert "no master copy, no optimizer state" in format_plan_of(p)
+
+
+def format_plan_of(p: dict) -> str:
+    from m1jax.plan import format_plan
+
+    return format_plan({**p, "compiled": False})
+
+
+def test_lora_plan_errors_name_the_option(capsys):
+    common = ["plan", "--topology", "v5p-8", "--model", "tiny", "--mode", "train", "--no-compile"]
+    for extra, msg in [(["--quantize", "int8-experts"], "needs --lora-rank: int8 experts cannot be trained"),
+                       (["--lora-alpha", "8"], "--lora-alpha and --lora-targets need --lora-rank"),
+                       (["--lora-rank", "4", "--lora-targets", "attention,mlp"], "'lora_targets'"),
+                       (["--lora-rank", "-2"], "'lora_rank': must be an integer ≥ 0"),
+                       (["--lora-rank", "4", "--lora-alpha", "0"], "'lora_alpha': must be > 0")]:
+        assert main(common + extra) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+
+
+def _compile_tiny_train_step(*extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    out = subprocess.run([sys.executable, "-m", "m1jax", "plan", "--topology", "v5p-8", "--model", "tiny",
+                          "--mode", "train", "--batch", "8", "--context", "256", "--mesh", "fsdp=2,expert=2",
+                          *extra, "--json"], capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    p = json.loads(out.stdout)
+    assert p["compiled"] is True and p["fits"] is True and p["temp_gb_per_chip"] > 0 and p["code_gb"] > 0
+    return p
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not importable in this environment "
+                    "(pip install -e '.[tpu]' into its own venv and run the tests with it)")
+def test_lora_train_step_compiles_deviceless_for_tpu():
+    """The trainer's LoRA update step (frozen bf16 base, or int8 experts, plus fp32 adapter masters and their
+    AdamW moments) compiles for v5p-8 with the TPU compiler; its program arguments are a third of full
+    fine-tuning's (fp32 masters + two moments of every weight: 12 bytes per parameter vs the base's 2, TPU tile
+    padding of the small tiny-model shapes included)."""
+    full = _compile_tiny_train_step()
+    lora = _compile_tiny_train_step("--lora-rank", "4")
+    int8 = _compile_tiny_train_step("--lora-rank", "4", "--quantize", "int8-experts")
+    assert lora["lora"]["rank"] == int8["lora"]["rank"] == 4 and full["lora"] is None
+    assert lora["argument_gb_per_chip"] < 0.4 * full["argument_gb_per_chip"]
+    assert int8["argument_gb_per_chip"] < lora["argument_gb_per_chip"]
