@@ -601,7 +601,7 @@ def format_plan(p: dict) -> str:
             moments = "AdamW moments, fp32"
         else:
             experts = "int8" if p["quantize"] else "bf16"
-            lines[-2:] = [f"frozen base per chip    {gb(p['frozen_weights_gb_per_chip'])} bf16 (experts "
+            lines[-2:] = [f"frozen base per chip    {gb(p['frozen_weights_gb_per_chip'])} (bf16; experts "
                           f"{gb(p['expert_weights_gb_per_chip'])} {experts}): no master copy, no optimizer state",
                           f"LoRA adapters           rank {lora['rank']}, α {lora['alpha']:g} on "
                           f"{', '.join(lora['targets'])}: {lora['adapter_params'] / 1e6:.1f} M parameters",
