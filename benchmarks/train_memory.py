@@ -50,7 +50,8 @@ def plan_row(args, remat: str, lora_rank: int) -> dict:
 
 def row_text(p: dict) -> str:
     def gb(key):
-        return "—" if p.get(key) is None else f"{p[key]:.2f}"
+        return "—" if p.get(key) is None or (key == "frozen_weights_gb_per_chip" and p["lora"] is None) else \
+            f"{p[key]:.2f}"
 
     kind = "full" if p["lora"] is None else f"LoRA r{p['lora']['rank']}"
     peak = f"{p['peak_gb_per_chip']:.2f} ({'fits' if p['fits'] else 'no fit'})" if p["compiled"] else \
