@@ -23,35 +23,67 @@ def tok(tmp_path_factory):
 
 def test_answers_are_exact():
     assert ar.answer("add", 47, 38) == 85 and ar.answer("sub", 23, 57) == -34 and ar.answer("mul", 17, 23) == 391
-    assert ar.reply("mul", 17, 23) == ("<think>\n17*3=10*3+7*3=30+21=51\n17*2=10*2+7*2=20+14=34\n17*20=340\n"
-                                       "340+51=391\n</think>\n17 * 23 = 391")
-    assert ar.scratchpad("sub", 23, 57) == "20-50=-30\n3-7=-4\n-30-4=-34"
+    assert ar.reply("mul", 17, 23) == ("<think>\n7*3=21\n1*3+2=5\n7*2=14\n1*2+1=3\n17*23=0051+0340\n1+0=1\n5+4=9\n"
+                                       "0+3=3\n0+0=0\n</think>\n17 * 23 = 391")
+    assert ar.scratchpad("sub", 23, 57) == "23<57\n7-3=4\n5-2=3"
+    assert ar.scratchpad("sub", 51, 48) == "51>48\n11-8=3\n5-1-4=0"
+    assert ar.scratchpad("sub", 47, 47) == "47=47\n7-7=0\n4-4=0"
+    assert ar.scratchpad("add", 99, 99) == "9+9=18\n9+9+1=19"
+    assert ar.scratchpad("mul", 81, 79).split("\n")[4:] == ["81*79=0729+5670", "9+0=9", "2+7=9", "7+6=13", "0+5+1=6"]
 
 
-def test_every_scratchpad_step_is_true_and_ends_with_the_answer():
-    """All 3 × 8100 problems: each line `e1=e2=...` holds (every side evaluated exactly), the last line's result
-    is the answer, and the reply's answer after </think> is the answer."""
+def _value(side: str) -> int:
+    return eval(re.sub(r"\b0+(\d)", r"\1", side))  # noqa: S307 - digits and + - * only (checked by the caller)
+
+
+def _assemble(results: list[str]) -> int:
+    """A column method's result: the last column's result, then the earlier columns' units digits last to first."""
+    return int(results[-1] + "".join(r[-1] for r in reversed(results[:-1])))
+
+
+def test_every_scratchpad_step_is_true_and_a_one_digit_fact():
+    """All 3 × 8100 problems: every line is a true statement (each side of `e1=e2`, a comparison `a<b`), every
+    computing step has one-digit operands (plus a carry or borrow), and the column results assemble the answer."""
     for op, a, b in ALL:
-        lines = ar.scratchpad(op, a, b).split("\n")
-        for line in lines:
-            assert re.fullmatch(r"[-+*=0-9]+", line), line
-            sides = [eval(side) for side in line.split("=")]  # noqa: S307 - digits and + - * only (checked above)
+        steps = ar.scratchpad_steps(op, a, b)
+        for kind, line in steps:
+            assert re.fullmatch(r"[-+*=<>0-9]+", line), line
+            if kind == "compare":
+                assert eval(line if "=" not in line else line.replace("=", "==")), line  # noqa: S307
+                continue
+            sides = [_value(side) for side in line.split("=")]
             assert len(set(sides)) == 1, (op, a, b, line)
-        assert int(lines[-1].split("=")[-1]) == ar.answer(op, a, b)
+        columns = [line.split("=") for kind, line in steps if kind.startswith("column")]
+        results = [r for _, r in columns]
+        if op == "add":
+            assert all(re.fullmatch(r"\d\+\d(\+1)?", lhs) for lhs, _ in columns), steps
+            assert _assemble(results) == a + b
+        elif op == "sub":
+            assert all(re.fullmatch(r"1?\d(-1)?-\d", lhs) and len(r) == 1 for lhs, r in columns), steps
+            assert steps[0] == ("compare", f"{a}{'>' if a > b else '<' if a < b else '='}{b}")
+            assert int("".join(reversed(results))) == abs(a - b)
+        else:
+            products = [line.split("=")[0] for kind, line in steps if kind == "digit product"]
+            assert all(re.fullmatch(r"\d\*\d(\+\d)?", lhs) for lhs in products), steps
+            assert len(columns) == ar.MUL_WIDTH and all(re.fullmatch(r"\d\+\d(\+1)?", lhs) for lhs, _ in columns)
+            assert _assemble(results) == a * b
         assert ar.score_reply(ar.reply(op, a, b), ar.answer(op, a, b)) == {"correct": True, "format": True}
+        assert ar.first_wrong_step(op, a, b, ar.reply(op, a, b)) is None
 
 
 def test_first_wrong_step_names_the_kind_of_step():
     ref = ar.reply("mul", 17, 23)
-    assert [k for k, _ in ar.scratchpad_steps("mul", 17, 23)] == ["partial product"] * 2 + ["shift", "final addition"]
-    assert ar.first_wrong_step("mul", 17, 23, ref) is None
-    assert ar.first_wrong_step("mul", 17, 23, ref.replace("30+21=51", "30+21=41")) == "partial product"
-    assert ar.first_wrong_step("mul", 17, 23, ref.replace("340+51=391", "340+51=361")) == "final addition"
+    assert [k for k, _ in ar.scratchpad_steps("mul", 17, 23)] == (["digit product"] * 4 + ["partial products"]
+                                                                  + ["column add"] * 4)
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("1*3+2=5", "1*3+2=6")) == "digit product"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("0051+", "0061+")) == "partial products"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("5+4=9", "5+4=8")) == "column add"
     assert ar.first_wrong_step("mul", 17, 23, ref.replace("= 391", "= 381")) == "answer"
-    assert ar.first_wrong_step("mul", 17, 23, ref.replace("\n340+51=391", "")) == "missing step"
-    assert ar.first_wrong_step("mul", 17, 23, ref.replace("=391\n", "=391\n1+1=2\n")) == "extra step"
-    assert ar.first_wrong_step("sub", 51, 48, ar.reply("sub", 51, 48).replace("10-7=3", "10-7=7")) == "combine"
-    assert ar.first_wrong_step("add", 47, 38, "47 + 38 = 85") == "tens"  # no think block: the first step differs
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("0+0=0\n", "")) == "missing step"
+    assert ar.first_wrong_step("mul", 17, 23, ref.replace("0+0=0\n", "0+0=0\n1+1=2\n")) == "extra step"
+    assert ar.first_wrong_step("sub", 18, 36, "<think>\n18>36\n") == "compare"
+    assert ar.first_wrong_step("sub", 51, 48, ar.reply("sub", 51, 48).replace("11-8=3", "11-8=2")) == "column sub"
+    assert ar.first_wrong_step("add", 47, 38, "47 + 38 = 85") == "column add"  # no think block: step 1 differs
 
 
 def test_splits_are_disjoint_and_about_a_tenth():

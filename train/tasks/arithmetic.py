@@ -1,22 +1,34 @@
 """Two-digit arithmetic in plain English with verifiable answers: the task the embedded demo model is trained on.
 
 A problem is (op, a, b) with op in `OPS` ("add", "sub", "mul") and a, b in 10..99, asked in one of several
-English phrasings (`PHRASINGS`). The reference reply, in M1's format, is a short worked scratchpad in a think
-block followed by the answer:
+English phrasings (`PHRASINGS`). The reference reply, in M1's format, is a worked scratchpad in a think block
+followed by the answer; every computing step is a one-digit fact with its carry or borrow written out
+(`scratchpad_steps`), the partial results are put together by copying digits:
 
-    What is 17 * 23?      ->  <think>
-                              17*3=10*3+7*3=30+21=51
-                              17*2=10*2+7*2=20+14=34
-                              17*20=340
-                              340+51=391
-                              </think>
-                              17 * 23 = 391
+    What is 17 * 23?  ->  <think>
+                          7*3=21             units of 17 times 3: write 1, carry 2
+                          1*3+2=5            17*3 = 51
+                          7*2=14
+                          1*2+1=3            17*2 = 34
+                          17*23=0051+0340    the partial products in 4 digits
+                          1+0=1              column addition from the units
+                          5+4=9
+                          0+3=3
+                          0+0=0
+                          </think>
+                          17 * 23 = 391
 
-    47 + 38  ->  40+30=70 / 7+8=15 / 70+15=85          83 - 47  ->  80-40=40 / 3-7=-4 / 40-4=36
+    47 + 38  ->  7+8=15 / 4+3+1=8 (= 85)        83 - 47  ->  83>47 / 13-7=6 / 8-1-4=3 (= 36)
+    23 - 57  ->  23<57 / 7-3=4 / 5-2=3 (57 - 23 = 34, so -34)
 
-Every scratchpad step is a one-digit fact plus copying (tens and units split apart, partial products of
-multiplication). Prompts and replies are rendered with a tokenizer's chat template (the demo tokenizer's
-M1-format template), so the reply text is exactly what follows `<beginning_of_sentence>ai name=assistant\\n`.
+Why: the first shipped demo model, whose scratchpad added multi-digit numbers in one step (`340+51=391`), got 32%
+of held-out products right; 55 of its 68 wrong products first went wrong in that final addition and
+the other 13 in a partial-product sum (`280+63=343`), none in a one-digit product or a copy; 12 of its 17 wrong
+differences first went wrong combining tens and units across a borrow (`10-7=3`) (benchmarks/RESULTS.md, "Demo
+model").
+
+Prompts and replies are rendered with a tokenizer's chat template (the demo tokenizer's M1-format template), so the
+reply text is exactly what follows `<beginning_of_sentence>ai name=assistant\\n`.
 
 The held-out split: (op, a, b) with `is_held_out` (a fixed hash, about 1 in 10 of every op's 8100 pairs) is never
 in training data. `write_dataset` writes the demo recipe's files (see configs/train/demo_sft.yaml):
@@ -38,6 +50,7 @@ OPS = ("add", "sub", "mul")
 SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 MIN_OPERAND, MAX_OPERAND = 10, 99
 HELD_OUT_MODULUS = 10  # 1 in HELD_OUT_MODULUS pairs is held out
+MUL_WIDTH = 4  # digits of a product of two operands (99 * 99 < 10**4)
 
 PHRASINGS = {
     "add": ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
@@ -66,30 +79,71 @@ def answer(op: str, a: int, b: int) -> int:
     return {"add": a + b, "sub": a - b, "mul": a * b}[op]
 
 
-def _signed_step(x: int, y: int) -> str:
-    """`x+y` or `x-|y|` (how a scratchpad adds a possibly negative units term)."""
-    return f"{x}+{y}" if y >= 0 else f"{x}-{-y}"
+def _digits(x: int, width: int) -> list[int]:
+    """The `width` lowest decimal digits of x >= 0, units first."""
+    return [(x // 10 ** i) % 10 for i in range(width)]
+
+
+def _column_add(x: int, y: int, width: int | None = None) -> list[tuple[str, str]]:
+    """Steps of x + y (x, y >= 0) over `width` columns (default: the longer number's digits) from the units:
+    `xi+yi=s` or `xi+yi+1=s` after a carry, the digits of x and y at that column (0 past a number's end). The sum
+    is the last step's result followed by the units digits of the earlier steps, last to first (leading zeros
+    dropped)."""
+    width = width or max(len(str(x)), len(str(y)))
+    steps, carry = [], 0
+    for xi, yi in zip(_digits(x, width), _digits(y, width)):
+        total = xi + yi + carry
+        steps.append(("column add", f"{xi}+{yi}{'+1' if carry else ''}={total}"))
+        carry = total // 10
+    return steps
+
+
+def _column_sub(x: int, y: int) -> list[tuple[str, str]]:
+    """Steps of x - y (x >= y >= 0) column by column from the units: `xi-yi=d`, with a borrow from the next column
+    `1xi-yi=d` (xi + 10), and after a borrow `xi-1-yi=d`. The difference is the steps' results last to first,
+    leading zeros dropped."""
+    width = len(str(x))
+    steps, borrow = [], 0
+    for xi, yi in zip(_digits(x, width), _digits(y, width)):
+        take = xi - borrow - yi
+        borrow_next = int(take < 0)
+        steps.append(("column sub", f"{xi + 10 * borrow_next}{'-1' if borrow else ''}-{yi}={take + 10 * borrow_next}"))
+        borrow = borrow_next
+    return steps
+
+
+def _digit_times(a: int, d: int) -> list[tuple[str, str]]:
+    """Steps of a * d (two-digit a, one digit d): `q*d=u` (units digit q of a), then `p*d+c=t` with c the tens
+    digit of u (the carry). The product is t followed by the units digit of u."""
+    p, q = divmod(a, 10)
+    u = q * d
+    return [("digit product", f"{q}*{d}={u}"), ("digit product", f"{p}*{d}+{u // 10}={p * d + u // 10}")]
 
 
 def scratchpad_steps(op: str, a: int, b: int) -> list[tuple[str, str]]:
-    """The worked steps of `a op b` (module docstring) as (kind, line), ending with the result. Kinds: add/sub
-    "tens", "units", "combine" (tens and units put together); mul "partial product" (`a*d=…=a*d` for each digit
-    d of b, units first), "shift" (`a*10r`), "final addition"."""
+    """The worked steps of `a op b` as (kind, line), every computing step a one-digit fact with explicit carries:
+
+    - add: `_column_add(a, b)`;
+    - sub: the comparison `a>b`, `a<b` or `a=b`, then `_column_sub` of the larger minus the smaller (the answer
+      is negative when a < b);
+    - mul (b = 10r + s): `_digit_times(a, s)`, `_digit_times(a, r)`, the decomposition `a*b=a*s+a*r*10` with both
+      partial products written out in `MUL_WIDTH` digits (leading zeros, so that every column sits at a fixed
+      place in the line), then `_column_add` of them over `MUL_WIDTH` columns.
+    """
     _check(op, a, b)
-    (p, q), (r, s) = divmod(a, 10), divmod(b, 10)
     if op == "add":
-        return [("tens", f"{10 * p}+{10 * r}={10 * (p + r)}"), ("units", f"{q}+{s}={q + s}"),
-                ("combine", f"{10 * (p + r)}+{q + s}={a + b}")]
+        return _column_add(a, b)
     if op == "sub":
-        tens, units = 10 * (p - r), q - s
-        return [("tens", f"{10 * p}-{10 * r}={tens}"), ("units", f"{q}-{s}={units}"),
-                ("combine", f"{_signed_step(tens, units)}={a - b}")]
-    lines = [("partial product", f"{a}*{d}={10 * p}*{d}+{q}*{d}={10 * p * d}+{q * d}={a * d}") for d in (s, r)]
-    return lines + [("shift", f"{a}*{10 * r}={10 * r * a}"), ("final addition", f"{10 * r * a}+{a * s}={a * b}")]
+        relation = ">" if a > b else "<" if a < b else "="
+        return [("compare", f"{a}{relation}{b}")] + _column_sub(max(a, b), min(a, b))
+    r, s = divmod(b, 10)
+    x, y = a * s, a * r * 10
+    decomposition = ("partial products", f"{a}*{b}={x:0{MUL_WIDTH}d}+{y:0{MUL_WIDTH}d}")
+    return _digit_times(a, s) + _digit_times(a, r) + [decomposition] + _column_add(x, y, MUL_WIDTH)
 
 
 def scratchpad(op: str, a: int, b: int) -> str:
-    """The worked steps of `a op b` (`scratchpad_steps`), one step per line, ending with the result."""
+    """The worked steps of `a op b` (`scratchpad_steps`), one per line."""
     return "\n".join(line for _, line in scratchpad_steps(op, a, b))
 
 
