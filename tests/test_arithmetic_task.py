@@ -95,6 +95,8 @@ def test_splits_are_disjoint_and_about_a_tenth():
     drawn = ar.sample_problems(np.random.default_rng(0), 2000)
     assert all(p[:3] in train for p in drawn)
     assert {p[0] for p in drawn} == set(ar.OPS) and {p[3] for p in drawn} == set(range(10))
+    hard = ar.sample_problems(np.random.default_rng(0), 500, ops=("sub", "mul"))
+    assert {p[0] for p in hard} == {"sub", "mul"} and all(p[:3] in train for p in hard)
 
 
 def test_questions_use_every_phrasing():
@@ -110,6 +112,8 @@ def test_questions_use_every_phrasing():
     (lambda: ar.question("add", True, 12), "operand a"),
     (lambda: ar.question("add", 12, 13, 10), "phrasing must be in 0..9"),
     (lambda: ar.problems("test"), "split must be 'train' or 'held_out'"),
+    (lambda: ar.sample_problems(np.random.default_rng(0), 3, ops=("mul", "div")), "ops must be a non-empty subset"),
+    (lambda: ar.sample_problems(np.random.default_rng(0), 3, ops=()), "ops must be a non-empty subset"),
 ])
 def test_bad_input_names_the_problem(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -148,6 +152,9 @@ def test_write_dataset(tmp_path):
     assert all(r["completion"].startswith("<think>\n") and r["completion"].endswith("<end_of_sentence>") for r in sft)
     rl = [json.loads(line) for line in (tmp_path / "rl.jsonl").read_text().splitlines()]
     assert all(set(r) == {"prompt", "answer"} for r in rl)
+    for r in rl:  # the default rl_ops: differences and products only
+        a, b = map(int, re.findall(r"\d+", r["prompt"].split("user name=user")[1])[:2])
+        assert r["answer"] in (a - b, b - a, a * b), r
     held = [json.loads(line) for line in (tmp_path / "held_out.jsonl").read_text().splitlines()]
     assert [r["op"] for r in held] == ["add"] * 3 + ["sub"] * 3 + ["mul"] * 3
     assert all(ar.is_held_out(r["op"], r["a"], r["b"]) and r["answer"] == ar.answer(r["op"], r["a"], r["b"])

@@ -194,9 +194,14 @@ def problems(split: str) -> list[tuple[str, int, int]]:
     return [(op, a, b) for op in OPS for a in rng for b in rng if is_held_out(op, a, b) == want]
 
 
-def sample_problems(rng: np.random.Generator, n: int, split: str = "train") -> list[tuple[str, int, int, int]]:
-    """n problems (op, a, b, phrasing) drawn uniformly from `split`, ops balanced in expectation."""
-    pool = problems(split)
+def sample_problems(rng: np.random.Generator, n: int, split: str = "train",
+                    ops: Iterable[str] = OPS) -> list[tuple[str, int, int, int]]:
+    """n problems (op, a, b, phrasing) drawn uniformly from the problems of `split` whose op is in `ops` (ops
+    balanced in expectation)."""
+    ops = tuple(ops)
+    if not ops or any(op not in OPS for op in ops):
+        raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops}")
+    pool = [p for p in problems(split) if p[0] in ops]
     picks = rng.integers(0, len(pool), size=n)
     phrasings = rng.integers(0, len(PHRASINGS["add"]), size=n)
     return [(*pool[i], int(k) % len(PHRASINGS[pool[i][0]])) for i, k in zip(picks, phrasings)]
@@ -243,10 +248,12 @@ def write_jsonl(path: pathlib.Path, rows: Iterable[dict]) -> int:
 
 
 def write_dataset(out: str | pathlib.Path, *, sft_examples: int = 40000, rl_prompts: int = 4000,
+                  rl_ops: Iterable[str] = ("sub", "mul"),
                   held_out: int = 300, seed: int = 0) -> dict[str, int]:
     """The demo recipe's files under `out`: `tokenizer/` (the demo tokenizer, digits split), `sft.jsonl`
-    (prompt/completion), `rl.jsonl` (prompt/answer, train split), `held_out.jsonl` (prompt/answer, balanced over
-    ops, the held-out split). Returns the row count of each file."""
+    (prompt/completion, every op), `rl.jsonl` (prompt/answer, train split, ops `rl_ops`: by default the two the
+    SFT model gets wrong most, so that fewer CISPO groups are all right and carry no signal), `held_out.jsonl`
+    (prompt/answer, balanced over ops, the held-out split). Returns the row count of each file."""
     from m1jax.demo import DEMO_VOCAB_SIZE, make_bpe_tokenizer_dir
     from m1jax.tokenizer import Tokenizer
 
@@ -258,7 +265,7 @@ def write_dataset(out: str | pathlib.Path, *, sft_examples: int = 40000, rl_prom
     sft = (chat_example(tok, *p) for p in sample_problems(rng, sft_examples))
     counts["sft.jsonl"] = write_jsonl(out / "sft.jsonl", ({"prompt": e["prompt"], "completion": e["completion"]}
                                                           for e in sft))
-    rl = (chat_example(tok, *p) for p in sample_problems(rng, rl_prompts))
+    rl = (chat_example(tok, *p) for p in sample_problems(rng, rl_prompts, ops=rl_ops))
     counts["rl.jsonl"] = write_jsonl(out / "rl.jsonl", ({"prompt": e["prompt"], "answer": e["answer"]} for e in rl))
     counts["held_out.jsonl"] = write_jsonl(out / "held_out.jsonl", held_out_rows(tok, held_out, seed=seed))
     return counts
@@ -321,10 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo_data", help="output directory")
     parser.add_argument("--sft-examples", type=int, default=40000)
     parser.add_argument("--rl-prompts", type=int, default=4000)
+    parser.add_argument("--rl-ops", default="sub,mul", help="comma-separated ops of the RL prompts (the SFT "
+                        "data has every op)")
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     counts = write_dataset(args.out, sft_examples=args.sft_examples, rl_prompts=args.rl_prompts,
+                           rl_ops=tuple(args.rl_ops.split(",")),
                            held_out=args.held_out, seed=args.seed)
     for name, count in counts.items():
         print(f"{args.out}/{name}: {count} rows")
