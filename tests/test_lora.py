@@ -38,6 +38,12 @@ def rel(a, b):
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 13)))
 
 
+@nnx.jit
+def logits(model, tokens=TOKENS):
+    """The model's logits for `tokens`, compiled (an eager forward dispatches every op of every layer)."""
+    return model(tokens).logits
+
+
 @pytest.fixture(scope="module")
 def base():
     return MiniMaxM1(small(scan_layers=False), rngs=nnx.Rngs(0))
@@ -45,7 +51,7 @@ def base():
 
 def test_adapters_start_at_zero_and_cover_the_targets(base):
     m = lora.attach(base, rank=4, seed=1)
-    np.testing.assert_array_equal(m(TOKENS).logits, base(TOKENS).logits)
+    np.testing.assert_array_equal(logits(m), logits(base))
     names = {p[-1] for p, _ in nnx.to_flat_state(lora.adapter_state(m))}
     assert {"qkv_proj_lora_a", "out_proj_lora_b", "q_proj_lora_a", "o_proj_lora_b", "w1_lora_a", "w2_lora_b"} <= names
     only_attention = lora.attach(base, rank=2, targets=("attention",))
@@ -58,22 +64,23 @@ def test_adapters_start_at_zero_and_cover_the_targets(base):
 
 def test_merge_equals_the_adapted_forward(base):
     m = randomized(lora.attach(base, rank=4, alpha=8.0))
-    out = m(TOKENS).logits
-    assert rel(out, base(TOKENS).logits) > 1e-3  # the adapters change the model
+    out = logits(m)
+    assert rel(out, logits(base)) > 1e-3  # the adapters change the model
     merged = lora.merge(m)
     assert merged.config.lora_rank == 0
     assert {p for p, _ in nnx.to_flat_state(nnx.state(merged))} == {p for p, _ in nnx.to_flat_state(nnx.state(base))}
-    assert rel(merged(TOKENS).logits, out) < 1e-6
+    assert rel(logits(merged), out) < 1e-6
 
 
 def test_only_adapters_get_gradients_and_b_alone_at_init(base):
     m = lora.attach(base, rank=4, seed=1)
     graphdef, adapters, frozen = nnx.split(m, lora.LoRAParam, ...)
 
-    def loss(ad):
-        return jnp.sum(nnx.merge(graphdef, ad, frozen)(TOKENS).logits[:, -1] ** 2) * 1e-3
+    @jax.jit
+    def grad(ad):
+        return jax.grad(lambda ad: jnp.sum(nnx.merge(graphdef, ad, frozen)(TOKENS).logits[:, -1] ** 2) * 1e-3)(ad)
 
-    grads = jax.grad(loss)(adapters)
+    grads = grad(adapters)
     flat = {p[-1]: np.abs(np.asarray(g.get_value())).max() for p, g in nnx.to_flat_state(grads)}
     assert all(v == 0 for k, v in flat.items() if k.endswith("_lora_a"))  # ∂/∂A = 0 while B = 0
     assert all(v > 0 for k, v in flat.items() if k.endswith("_lora_b"))
@@ -84,8 +91,9 @@ def test_scanned_model_adapters_are_stacked_and_merge(base):
     m = randomized(lora.attach(scanned, rank=2))
     a = m.stacked_layers[0].block_sparse_moe.w1_lora_a
     assert a.shape[0] == scanned.config.scan_groups and a.get_metadata()["logical_axes"][0] == "layers"
-    assert rel(lora.merge(m)(TOKENS).logits, m(TOKENS).logits) < 1e-6
-    grads = jax.grad(lambda ad: jnp.sum(lora.set_adapters(m, ad)(TOKENS).logits[:, -1] ** 2))(lora.adapter_state(m))
+    assert rel(logits(lora.merge(m)), logits(m)) < 1e-6
+    grads = nnx.jit(lambda m, ad: jax.grad(lambda ad: jnp.sum(lora.set_adapters(m, ad)(TOKENS).logits[:, -1] ** 2))(ad))(
+        m, lora.adapter_state(m))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
@@ -94,7 +102,7 @@ def test_int8_experts_keep_int8_and_adapters_add_on_top(base):
     q = build_from_views(base.config.replace(quantize="int8-experts"), quantize_views(flat))
     m = lora.attach(q, rank=4)
     assert m.layers[0].block_sparse_moe.w1.get_value().dtype == jnp.int8
-    assert rel(m(TOKENS).logits, q(TOKENS).logits) < 1e-5  # dequantized + 0 vs the int8 product
+    assert rel(logits(m), logits(q)) < 1e-5  # dequantized + 0 vs the int8 product
     with pytest.raises(ValueError, match="int8"):
         lora.merge(randomized(m))
 
@@ -108,8 +116,8 @@ def test_adapters_are_created_in_the_weights_sharding():
     a, w = m.layers[0].block_sparse_moe.w1_lora_a.get_value(), m.layers[0].block_sparse_moe.w1.get_value()
     assert a.sharding.spec[0] == w.sharding.spec[0] and a.sharding.spec[0] is not None
     with jax.set_mesh(mesh):
-        out = m(TOKENS).logits
-    np.testing.assert_allclose(out, model(TOKENS).logits, rtol=1e-5, atol=1e-5)
+        out = logits(m)
+    np.testing.assert_allclose(out, logits(model), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_lora_settings_name_the_field():
