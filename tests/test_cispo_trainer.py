@@ -431,6 +431,7 @@ def test_mesh_training_step_equals_single_device(bundle):
 # ----------------------------------------------------------------------------------------------- trainer
 
 
+@pytest.mark.slow
 def test_trainer_micro_batches_and_options(tmp_path):
     """Inside the trainer, micro_batches=2 gives the same step as 1; dynamic sampling, the overlong penalty and
     the shuffled-reward control run and report their metrics."""

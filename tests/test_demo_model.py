@@ -25,6 +25,7 @@ def test_cli_tokenizer_without_model_is_one_line_error(capsys):
     assert "--tokenizer needs --model or --preset" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_of_a_training_run_loads_with_the_same_logits(tmp_path):
     """`m1jax export RUN DST --tokenizer DIR` writes the HF original layout of the run's latest checkpoint:
     loading it gives the trained model's logits exactly (fp32)."""

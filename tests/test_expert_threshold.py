@@ -174,6 +174,7 @@ def test_threshold_input_errors_name_the_problem():
         model(t, return_routing="yes")
 
 
+@pytest.mark.slow
 def test_scheduler_requests_with_thresholds_equal_generate_alone_with_routing_logs():
     """Requests with different thresholds share the scheduler's slots; each request's greedy tokens and routed
     experts equal `Engine.generate` of its prompt alone with its threshold, and its routing log adds up."""

@@ -177,6 +177,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_saved_state_resumes_in_another_process(tiny, tmp_path):
     doc = np.random.default_rng(4).integers(0, 500, 150).tolist()
     question = [11, 22, 33, 44]

@@ -92,8 +92,10 @@ def test_scanned_model_adapters_are_stacked_and_merge(base):
     a = m.stacked_layers[0].block_sparse_moe.w1_lora_a
     assert a.shape[0] == scanned.config.scan_groups and a.get_metadata()["logical_axes"][0] == "layers"
     assert rel(logits(lora.merge(m)), logits(m)) < 1e-6
-    grads = nnx.jit(lambda m, ad: jax.grad(lambda ad: jnp.sum(lora.set_adapters(m, ad)(TOKENS).logits[:, -1] ** 2))(ad))(
-        m, lora.adapter_state(m))
+    def loss(m, ad):
+        return jnp.sum(lora.set_adapters(m, ad)(TOKENS).logits[:, -1] ** 2)
+
+    grads = nnx.jit(lambda m, ad: jax.grad(loss, argnums=1)(m, ad))(m, lora.adapter_state(m))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 

@@ -64,6 +64,7 @@ def test_lora_bundle_trains_only_adapters_from_a_frozen_base():
                                   full.compute_model(full.params)(tokens).logits)  # B = 0: the base model
 
 
+@pytest.mark.slow
 def test_lora_sft_run_learns_checkpoints_adapters_resumes_and_exports_merged(tmp_path):
     model = {**MODEL, "lora": {"rank": 8}}
     run = sft_run(tmp_path, "lora", 12, model)
