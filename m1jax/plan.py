@@ -9,10 +9,10 @@ and cache are `jax.ShapeDtypeStruct`s carrying their `NamedSharding`, the step i
 * collective bytes per step by kind, from the compiled HLO (`m1jax.hlo_collectives`), and the bytes of any
   all-gather of an expert weight;
 * a roofline *estimate* of the step time: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) + collective bytes /
-  interconnect bandwidth, with the compiler's `cost_analysis()` FLOPs and bytes (which count a loop body
-  once, so never below the arithmetic on the shapes: 2 FLOPs per active parameter per token plus attention,
-  and the HBM floor), and the HBM floor itself: the weights and cache a chip must read per step over its HBM
-  bandwidth.
+  interconnect bandwidth, with FLOPs and HBM bytes counted on the compiled program (`step_cost`: per
+  instruction as XLA's cost analysis counts them, loop bodies times their trip counts; `cost_analysis()`
+  itself counts a loop body once and is reported beside it), and the HBM floor: the weights and cache a chip
+  must read per step over its HBM bandwidth.
 
 Steps: `decode` = one iteration of the engine's decode loop (`generation._decode_loop`) with a cache of
 `context` slots; `prefill` = the engine's prefill step (`generation.forward_chunk`) over `context` tokens into
@@ -451,6 +451,32 @@ def is_expert_weight(parameter_name: str) -> bool:
     return "block_sparse_moe" in keys and any(k in EXPERT_WEIGHTS for k in keys)
 
 
+def step_cost(hlo: str, config, mode: str, batch: int, context: int, mesh_shape: dict[str, int]) -> dict:
+    """FLOPs and memory bytes per chip of one step of the compiled program (`hlo_collectives.instruction_costs`:
+    every instruction counted as XLA's cost analysis counts it, but loop bodies times their trip counts, which
+    `cost_analysis()` counts once). Softmax attention's loop over key blocks runs over the whole cache
+    (`context` slots: the step at the end of the context). Decode: the instructions inside the decode loop are
+    the step; those outside it run once per call of the loop (a decode burst: `burst_setup_hbm_bytes`).
+    `hbm_bytes` counts only arrays in device memory (not on-chip memory such as VMEM); `loops_counted_once`
+    names the loops inside the step whose trip count is unknown (counted once)."""
+    from m1jax.cache import KV_AXES
+    from m1jax.hlo_collectives import instruction_costs
+    from m1jax.modules.softmax_attention import KEY_BLOCK, KEY_BLOCK_LOOP
+    from m1jax.sharding import logical_to_spec
+
+    spec = logical_to_spec(KV_AXES, (batch, context, config.num_key_value_heads, config.head_dim),
+                           abstract_mesh(mesh_shape))
+    seq = spec[1] if len(spec) > 1 and spec[1] is not None else ()
+    slots = context // math.prod(mesh_shape.get(a, 1) for a in ((seq,) if isinstance(seq, str) else seq))
+    costs = instruction_costs(hlo, trips={KEY_BLOCK_LOOP: max(-(-slots // KEY_BLOCK) - 1, 1)})
+    step = [c for c in costs if c.loops] if mode == "decode" else costs
+    setup = [c for c in costs if not c.loops] if mode == "decode" else []
+    return {"flops": sum(c.total_flops for c in step), "bytes_accessed": sum(c.total_bytes for c in step),
+            "hbm_bytes": sum(c.total_hbm_bytes for c in step),
+            "burst_setup_hbm_bytes": sum(c.total_hbm_bytes for c in setup),
+            "loops_counted_once": sorted({c.source for c in step if c.op == "while" and c.trips is None})}
+
+
 def compile_step(config, topo: Topology, mode: str, batch: int, context: int, mesh_shape: dict[str, int],
                  chunk: int | None = None, micro_batches: int = 1, logprob_chunk: int | None = None) -> dict:
     """Compile the step deviceless for `topo`; memory, cost and collectives of the compiled program."""
@@ -490,6 +516,7 @@ def compile_step(config, topo: Topology, mode: str, batch: int, context: int, me
         "peak_bytes": (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
                        + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes),
         "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "step_cost": step_cost(hlo, config, mode, batch, context, mesh_shape),
         "collectives": hlo_collectives.bytes_by_kind(hlo),
         "expert_weight_gather_bytes": sum(g.total_bytes for g in gathers),
     }
@@ -544,15 +571,17 @@ def plan(req: PlanRequest) -> dict:
                               req.micro_batches, req.logprob_chunk)
     if result is not None and result["compiled"]:
         coll = result["collectives"]
-        # the compiler's cost analysis counts a loop body once (scanned layers): never below the arithmetic
-        flops = max(result["flops"], est.flops)
-        hbm_bytes = max(result["bytes_accessed"], est.floor_bytes)
+        cost = result["step_cost"]
+        flops, hbm_bytes = cost["flops"], cost["hbm_bytes"]
         out.update({
             "compiled": True, "compile_s": result["compile_s"],
             "temp_gb_per_chip": result["temp_bytes"] / GB, "code_gb": result["code_bytes"] / GB,
             "argument_gb_per_chip": result["argument_bytes"] / GB,
             "peak_gb_per_chip": result["peak_bytes"] / GB, "fits": result["peak_bytes"] <= hbm,
             "flops_per_chip": flops, "bytes_accessed_per_chip": hbm_bytes,
+            "bytes_accessed_all_memories_per_chip": cost["bytes_accessed"],
+            "burst_setup_hbm_bytes_per_chip": cost["burst_setup_hbm_bytes"] if req.mode == "decode" else None,
+            "loops_counted_once": cost["loops_counted_once"],
             "compiler_flops_per_chip": result["flops"], "compiler_bytes_per_chip": result["bytes_accessed"],
             "collective_bytes_by_kind": coll, "collective_bytes_per_step": sum(coll.values()),
             "expert_weight_gather_bytes": result["expert_weight_gather_bytes"],
@@ -621,8 +650,21 @@ def format_plan(p: dict) -> str:
         lines.append(f"expert-weight gathers   {p['expert_weight_gather_bytes'] / GB:.3f} GB")
     else:
         lines.append(f"collectives per step    ≈ {p['collective_bytes_per_step'] / GB:.3f} GB (arithmetic)")
-    lines += [f"FLOPs per chip          {p['flops_per_chip'] / 1e12:.3f} T; HBM bytes "
-              f"{p['bytes_accessed_per_chip'] / GB:.2f} GB",
+    if p["compiled"]:
+        lines.append(f"FLOPs per chip          {p['flops_per_chip'] / 1e12:.3f} T; HBM bytes "
+                     f"{p['bytes_accessed_per_chip'] / GB:.2f} GB (compiled HLO, loops × trip counts; the "
+                     f"compiler's cost_analysis, loop bodies once: {p['compiler_flops_per_chip'] / 1e12:.3f} T, "
+                     f"{p['compiler_bytes_per_chip'] / GB:.2f} GB)")
+        if p.get("burst_setup_hbm_bytes_per_chip"):
+            lines.append(f"per decode call         {p['burst_setup_hbm_bytes_per_chip'] / GB:.2f} GB of HBM bytes "
+                         f"outside the decode loop (once per burst of tokens)")
+        if p["loops_counted_once"]:
+            lines.append(f"loops counted once      {len(p['loops_counted_once'])} (trip count unknown): "
+                         f"{'; '.join(p['loops_counted_once'])[:300]}")
+    else:
+        lines.append(f"FLOPs per chip          {p['flops_per_chip'] / 1e12:.3f} T; HBM bytes "
+                     f"{p['bytes_accessed_per_chip'] / GB:.2f} GB (arithmetic)")
+    lines += [
               f"step time (estimate)    {p['step_ms_estimate']:.2f} ms; HBM floor {p['hbm_floor_ms']:.2f} ms "
               f"(weights + cache per chip / HBM bandwidth)"]
     for c in p.get("candidates", []):

@@ -114,7 +114,10 @@ def test_plan_compiles_deviceless_for_tpu():
     assert 0 < p["peak_gb_per_chip"] < p["hbm_gb"]
     assert p["code_gb"] > 0 and p["flops_per_chip"] > 0
     assert p["collective_bytes_per_step"] > 0  # tensor-parallel all-reduces at least
-    assert p["step_ms_estimate"] >= p["hbm_floor_ms"] > 0
+    assert p["step_ms_estimate"] > 0 and p["hbm_floor_ms"] > 0
+    # FLOPs and bytes counted on the compiled step (loops × trip counts), every loop's trip count known
+    assert p["loops_counted_once"] == [] and p["bytes_accessed_per_chip"] > 0
+    assert p["bytes_accessed_all_memories_per_chip"] >= p["bytes_accessed_per_chip"]
 
 
 def test_collectives_in_a_static_loop_count_per_iteration():

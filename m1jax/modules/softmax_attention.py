@@ -33,6 +33,7 @@ NEG = jnp.finfo(jnp.float32).min
 DIRECT_MAX_KEYS = 2048  # at most this many key slots: dense masked softmax (in query chunks when causal)
 QUERY_CHUNK = 256
 KEY_BLOCK = 1024
+KEY_BLOCK_LOOP = "kv_blocks"  # name scope of the loop over key blocks (its trip count depends on the filled slots)
 QUERY_BLOCK = 2048  # a sequence shard's queries attend in blocks of this many (gathered long K/V)
 
 
@@ -144,7 +145,8 @@ def attend_stats(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Arra
         n_blocks = jnp.minimum((num_slots + kb - 1) // kb, n_blocks_static)
     # Block 0 outside the loop: the carry then has the type the blocks give it (also inside shard_map, where the
     # statistics vary over the mesh axes the keys are split over). With no visible slot its m stays NEG.
-    return jax.lax.fori_loop(1, n_blocks, body, body(0, init))
+    with jax.named_scope(KEY_BLOCK_LOOP):  # names the loop in the HLO (`m1jax.plan` counts its trips)
+        return jax.lax.fori_loop(1, n_blocks, body, body(0, init))
 
 
 # ----------------------------------------------------------------------------------- sequence sharding
