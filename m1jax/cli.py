@@ -180,9 +180,14 @@ def _serving_setup(args, *, local_devices: bool = False):
             raise UserError(f"--mesh {args.mesh}: {e}") from None
     model, tokenizer = _load_model_and_tokenizer(args)
     engine = Engine(model, tokenizer, mesh=mesh)
+    if args.checkpoint_every is not None and args.state_dir is None:
+        raise UserError("--checkpoint-every needs --state-dir")
+    if not args.state_max_gb >= 0:
+        raise UserError(f"--state-max-gb must be ≥ 0, got {args.state_max_gb}")
     scheduler = Scheduler(engine, slots=args.slots, context_window=args.context_window,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
-                          prefix_cache_tokens=args.prefix_cache_tokens)
+                          prefix_cache_tokens=args.prefix_cache_tokens, state_dir=args.state_dir,
+                          checkpoint_every=args.checkpoint_every, state_max_bytes=int(args.state_max_gb * 2**30))
     name = args.served_model_name or (pathlib.Path(args.model).name if args.model else
                                       f"m1jax-{args.preset}" if args.preset else "m1jax-demo")
     return scheduler, tokenizer, model, name, defaults
@@ -272,6 +277,12 @@ def _add_scheduler_args(p) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per scheduler step")
     p.add_argument("--prefix-cache-tokens", type=int, default=0, help="prefix-cache capacity in tokens (0: off)")
+    p.add_argument("--state-dir", help="checkpoint long prefills here and restore from them: a request retried "
+                   "after a kill resumes its prefill, and long prefixes stay cached across restarts")
+    p.add_argument("--checkpoint-every", type=int, help="with --state-dir: prompt tokens between checkpoints, a "
+                   "multiple of --prefill-chunk (default: about 65536)")
+    p.add_argument("--state-max-gb", type=float, default=20.0, help="disk budget of --state-dir in GiB (least "
+                   "recently used checkpoints deleted first)")
     p.add_argument("--served-model-name", help="the model name in the API (default: the --model dir's name, "
                    "m1jax-PRESET or m1jax-demo)")
     p.add_argument("--temperature", type=float, default=1.0, help="default temperature of requests that give none")

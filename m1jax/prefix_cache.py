@@ -22,6 +22,16 @@ larger block means fewer snapshots per cached token. The store is LRU-bounded by
 entry). A prefix is touched deepest first, root
 last, so eviction takes the deepest blocks of the least recently used prefix first and never leaves a kept
 block whose ancestors are gone.
+
+Persistent tier (`StateStore`): every `checkpoint_every` tokens (a multiple of C) a `RowPrefill` also hands its
+whole batch-1 state after the prefix [0, jC) to a `StateStore`, which writes it (`generation.save_state`: the
+cache trimmed to its written slots, atomic rename) on a background thread into `directory/<hex h_{j−1}>`, with a
+fingerprint of the model, tokenizer and prefill settings; each prompt keeps only its deepest checkpoint. A
+newcomer restores the deepest checkpoint of its key chain when it is deeper than its in-memory hit
+(`restore_blocks` of the saved slots: the same state, bit for bit). So a server killed during a long prefill
+resumes at the last checkpoint when the request comes again, and long prefixes stay cached across restarts
+(LRU within `max_bytes` on disk). Interrupted saves (temporary directories), unreadable checkpoints and
+checkpoints of another fingerprint are ignored with a log line (the first two deleted).
 """
 
 from __future__ import annotations
@@ -29,15 +39,35 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from m1jax.cache import Cache, init_cache
-from m1jax.generation import Engine, EngineState, GenerationError, prefill_layout, to_host
+from m1jax.generation import (
+    Engine,
+    EngineState,
+    GenerationError,
+    load_state,
+    prefill_layout,
+    save_state,
+    saved_state_metadata,
+    to_host,
+    trim_cache,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +114,13 @@ class PrefixCache:
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._entries
+
+    def depth(self, keys: Sequence[bytes]) -> int:
+        """How many of keys[0], keys[1], … are held consecutively (not touched, not counted)."""
+        n = 0
+        while n < len(keys) and keys[n] in self._entries:
+            n += 1
+        return n
 
     def lookup(self, keys: Sequence[bytes]) -> list[PrefixEntry]:
         """The entries of the longest cached run keys[0], keys[1], … (touched; counted as one lookup)."""
@@ -154,6 +191,245 @@ def restore_blocks(engine: Engine, entries: Sequence[PrefixEntry], n_tokens: int
                        next_logits_BxV=entries[-1].logits_V[None])
 
 
+# ------------------------------------------------------------------------------------------ persistent tier
+_KEY_DIR = re.compile(r"^[0-9a-f]{64}$")
+_TMP_DIR = re.compile(r"^\.[0-9a-f]{64}\.tmp-\d+$")  # `save_state`'s temporary directory of a checkpoint
+
+
+def store_fingerprint(engine: Engine, block: int, capacity: int) -> dict:
+    """What a saved prefill state depends on besides its tokens: the model (`streaming.model_fingerprint`), the
+    tokenizer, the block, the row cache's capacity, the engine's prefill chunk and the mesh."""
+    from m1jax.streaming import model_fingerprint, tokenizer_fingerprint
+
+    tok = engine.tokenizer
+    return {"model": model_fingerprint(engine), "tokenizer": None if tok is None else tokenizer_fingerprint(tok),
+            "block": int(block), "capacity": int(capacity), "engine_prefill_chunk": engine.prefill_chunk,
+            "mesh": None if engine.mesh is None else {str(k): int(v) for k, v in engine.mesh.shape.items()}}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class StateStore:
+    """Batch-1 prefill states on disk, one per whole-block prompt prefix, in `directory/<hex key>` (the prefix's
+    last `block_keys` key; module docstring). `fingerprint` (`store_fingerprint`) names what the states depend on
+    besides their tokens: checkpoints with another one are ignored (a log line; kept until evicted, first). At most
+    `max_bytes` on disk, least recently used evicted first. Saves run on a writer thread, at most `pending` queued.
+
+    Counters: `written`, `skipped` (not queued: the writer was busy), `restores`, `restored_tokens`, `ignored`
+    (checkpoints found unreadable, deleted, or of another fingerprint)."""
+
+    def __init__(self, directory, *, fingerprint: dict, max_bytes: int, pending: int = 2):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise GenerationError(f"the state directory's byte budget must be an integer ≥ 0, got {max_bytes!r}")
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GenerationError(f"cannot use {directory} as the state directory: {e}") from None
+        if not os.access(self.directory, os.W_OK):
+            raise GenerationError(f"the state directory {directory} is not writable")
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from a checkpoint
+        self.max_bytes = max_bytes
+        self.written = self.skipped = self.restores = self.restored_tokens = self.ignored = 0
+        self._lock = threading.Lock()
+        self._index: collections.OrderedDict[str, int] = collections.OrderedDict()  # name → bytes, LRU first
+        self._foreign: dict[str, int] = {}  # checkpoints of another fingerprint: name → bytes
+        self._pending: dict[str, EngineState] = {}  # queued saves (restorable before they reach the disk)
+        self._scan()
+        self._queue: queue.Queue = queue.Queue(maxsize=pending)
+        self._thread = threading.Thread(target=self._write_loop, name="m1jax-state-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the checkpoints on disk."""
+        with self._lock:
+            return sum(self._index.values()) + sum(self._foreign.values())
+
+    def __len__(self) -> int:
+        """Usable checkpoints (this fingerprint)."""
+        return len(self._index)
+
+    # ------------------------------------------------------------------------------------------- lookup
+    def deepest(self, keys: Sequence[bytes], above: int = 0) -> int:
+        """The largest d > `above` with a checkpoint of the prefix keys[d − 1] (0: none)."""
+        with self._lock:
+            return next((d for d in range(len(keys), above, -1)
+                         if (name := keys[d - 1].hex()) in self._index or name in self._pending), 0)
+
+    def restore(self, engine: Engine, keys: Sequence[bytes], capacity: int,
+                above: int = 0) -> tuple[EngineState, int] | None:
+        """The deepest checkpoint of `keys` deeper than `above` blocks that loads, as the batch-1 state in a
+        `capacity`-slot cache (bit-identical to the state it saved) and its depth in blocks; None if none."""
+        while d := self.deepest(keys, above):
+            name = keys[d - 1].hex()
+            path = self.directory / name
+            with self._lock:
+                queued = self._pending.get(name)
+            try:
+                meta = {"fingerprint": self.fingerprint, "tokens": int(to_host(queued.positions_B)[0])} \
+                    if queued is not None else saved_state_metadata(path)
+                if diff := self._differs(meta):
+                    with self._lock:
+                        self._foreign[name] = self._index.pop(name, 0)
+                        self.ignored += 1
+                    log.warning("ignoring state checkpoint %s: made with another %s", path, ", ".join(diff))
+                    continue
+                saved = queued if queued is not None else load_state(path, engine.config)
+                n, cache = int(meta["tokens"]), saved.cache
+                if int(to_host(saved.positions_B)[0]) != n or cache.batch_size != 1 or cache.max_len > capacity:
+                    raise GenerationError(f"holds {cache.batch_size} rows, {cache.max_len} slots and position "
+                                          f"{int(to_host(saved.positions_B)[0])} (expected 1, ≤ {capacity}, {n})")
+                entry = PrefixEntry(layers=tuple(tuple(x[0] for x in layer) if isinstance(layer, tuple)
+                                                 else layer[0] for layer in cache.per_layer()),
+                                    valid_W=cache.valid_BxS[0], logits_V=saved.next_logits_BxV[0])
+                state = restore_blocks(engine, [entry], n, capacity)
+            except Exception as e:  # orbax and the metadata fail in many ways; the checkpoint is unusable
+                self._discard(name, f"unreadable ({type(e).__name__}: {e})")
+                continue
+            with self._lock:
+                if name in self._index:
+                    self._index.move_to_end(name)
+                self.restores += 1
+                self.restored_tokens += n
+            try:
+                os.utime(path)  # recency survives a restart
+            except OSError:  # not written yet
+                pass
+            return state, d
+        return None
+
+    # ------------------------------------------------------------------------------------------- saving
+    def save(self, key: bytes, state: EngineState, tokens: int, *, replaces: bytes | None = None) -> bool:
+        """Queue a checkpoint of the batch-1 `state` after the `tokens`-token prefix named by `key`; once it is
+        written, the checkpoint `replaces` (the same prompt's shallower one) is deleted. False when `key` is on
+        disk already or the writer is busy (`skipped`). The state's arrays are copied first (the caller's prefill
+        may donate them)."""
+        name = key.hex()
+        with self._lock:
+            if name in self._index or name in self._pending:
+                return False
+        if self._queue.full():
+            self.skipped += 1
+            return False
+        cache = trim_cache(state.cache)  # new K/V and validity buffers; the lightning states and length copied
+        cache = cache.replace(layers=tuple(layer if isinstance(layer, tuple) else jnp.copy(layer)
+                                           for layer in cache.layers), length=jnp.copy(cache.length))
+        snap = EngineState(cache=cache, positions_B=jnp.copy(state.positions_B),
+                           next_logits_BxV=jnp.copy(state.next_logits_BxV))
+        with self._lock:
+            self._pending[name] = snap
+        self._queue.put((name, snap, int(tokens), None if replaces is None else replaces.hex()))
+        return True
+
+    def flush(self) -> None:
+        """Wait until every queued checkpoint is written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Write the queued checkpoints and stop the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            except Exception as e:  # a full disk or a vanished directory must not stop the server
+                log.warning("state checkpoint %s not written: %s: %s", item[0], type(e).__name__, e)
+            finally:
+                if item is not None:
+                    with self._lock:
+                        self._pending.pop(item[0], None)
+                self._queue.task_done()
+
+    def _write(self, name: str, snap: EngineState, tokens: int, replaces: str | None) -> None:
+        path = self.directory / name
+        with self._lock:
+            if name in self._index:
+                return
+            self._foreign.pop(name, None)
+        shutil.rmtree(path, ignore_errors=True)  # another fingerprint's checkpoint of the same prefix
+        save_state(snap, path, metadata={"fingerprint": self.fingerprint, "tokens": tokens})
+        size = _dir_bytes(path)
+        with self._lock:
+            self._index[name] = size
+            self.written += 1
+            old = replaces if replaces is not None and self._index.pop(replaces, None) is not None else None
+        if old is not None:
+            shutil.rmtree(self.directory / old, ignore_errors=True)
+        self._evict(keep=name)
+
+    # ---------------------------------------------------------------------------------------- housekeeping
+    def _differs(self, meta: dict) -> list[str]:
+        """The fingerprint fields a checkpoint's metadata disagrees on (all of them for a foreign format)."""
+        fp = meta.get("fingerprint") if isinstance(meta, dict) else None
+        if not isinstance(fp, dict) or "tokens" not in meta:
+            return ["format"]
+        return [k for k in sorted(set(fp) | set(self.fingerprint)) if fp.get(k) != self.fingerprint.get(k)]
+
+    def _discard(self, name: str, why: str) -> None:
+        with self._lock:
+            self._index.pop(name, None)
+            self._foreign.pop(name, None)
+            self.ignored += 1
+        log.warning("ignoring state checkpoint %s: %s; deleted", self.directory / name, why)
+        shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    def _scan(self) -> None:
+        """Index the directory: interrupted saves deleted, unreadable checkpoints deleted, other fingerprints
+        set aside, the rest ordered by last use (their marker's mtime)."""
+        found, differing = [], collections.Counter()
+        for p in self.directory.iterdir():
+            if _TMP_DIR.match(p.name):  # a save killed before its atomic rename
+                log.warning("deleting %s: a state checkpoint whose save was interrupted", p)
+                shutil.rmtree(p, ignore_errors=True)
+                continue
+            if not (_KEY_DIR.match(p.name) and p.is_dir()):
+                continue
+            try:
+                meta = saved_state_metadata(p)
+            except Exception as e:  # no marker, bad JSON: a damaged checkpoint
+                self._discard(p.name, f"unreadable ({type(e).__name__}: {e})")
+                continue
+            if diff := self._differs(meta):
+                self._foreign[p.name] = _dir_bytes(p)
+                self.ignored += 1
+                differing.update(diff)
+                continue
+            found.append((p.stat().st_mtime, p.name, _dir_bytes(p)))
+        for _, name, size in sorted(found):
+            self._index[name] = size
+        if differing:
+            log.warning("ignoring %d state checkpoints in %s made with another %s (evicted first)",
+                        len(self._foreign), self.directory, ", ".join(sorted(differing)))
+        self._evict()
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Delete checkpoints until the directory is within `max_bytes`: other fingerprints' first, then least
+        recently used (`keep` last)."""
+        victims = []
+        with self._lock:
+            total = sum(self._index.values()) + sum(self._foreign.values())
+            order = [*self._foreign, *(n for n in self._index if n != keep), *([keep] if keep in self._index else [])]
+            for name in order:
+                if total <= self.max_bytes:
+                    break
+                total -= self._foreign.pop(name, 0) + self._index.pop(name, 0)
+                victims.append(name)
+        for name in victims:
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+        if keep in victims:
+            log.warning("state checkpoint %s is larger than the state directory's budget of %d bytes; deleted",
+                        keep, self.max_bytes)
+
+
 # ---------------------------------------------------------------------------------------- block prefill
 def row_slots(engine: Engine, n: int, block: int) -> int:
     """Cache slots a block-aligned prefill of n tokens writes: per call, the engine's padded layout of its tokens
@@ -168,19 +444,39 @@ def row_slots(engine: Engine, n: int, block: int) -> int:
 class RowPrefill:
     """One prompt prefilled block-aligned into a batch-1 cache of `capacity` slots (module docstring), one
     `Engine.prefill` call per `step()`; with a `store`, restored from its deepest cached prefix first and
-    snapshotting every new full block into it. `cached_tokens`: prompt tokens restored from the store."""
+    snapshotting every new full block into it. With a `disk` store, restored from its deepest checkpoint on disk
+    instead when that is deeper, and checkpointed there every `checkpoint_every` tokens (a multiple of `block`;
+    only the deepest checkpoint of the prompt is kept). `cached_tokens`: prompt tokens restored (either store);
+    `disk_tokens`: those restored from disk."""
 
     def __init__(self, engine: Engine, prompt: Sequence[int], *, block: int, capacity: int,
-                 store: PrefixCache | None = None):
+                 store: PrefixCache | None = None, disk: StateStore | None = None,
+                 checkpoint_every: int | None = None):
         if store is not None and store.block != block:
             raise GenerationError(f"the prefix cache holds {store.block}-token blocks, the prefill runs {block}")
+        if disk is not None and (checkpoint_every is None or checkpoint_every < block or checkpoint_every % block):
+            raise GenerationError(f"checkpoint_every must be a positive multiple of the block {block}, got "
+                                  f"{checkpoint_every!r}")
         self.engine, self.block, self.capacity = engine, int(block), int(capacity)
         [self.prompt] = engine._check_prompts([prompt])
         n = len(self.prompt)
         if row_slots(engine, n, block) > capacity:
             raise GenerationError(f"a prompt of {n} tokens does not fit a {capacity}-slot prefill cache")
-        self.store = store
-        self.keys = block_keys(self.prompt, block) if store is not None else []
+        self.store, self.disk, self.checkpoint_every = store, disk, checkpoint_every
+        self.keys = block_keys(self.prompt, block) if store is not None or disk is not None else []
+        self._saved_key = None  # this prompt's checkpoint on disk written by this prefill
+        restored = None
+        if disk is not None:
+            above = 0 if store is None else store.depth(self.keys)
+            restored = disk.restore(engine, self.keys, capacity, above=above)
+        if restored is not None:
+            self._state, depth = restored
+            self.cached_tokens = self.disk_tokens = self._next = depth * block
+            self._slots = int(to_host(self._state.cache.length))
+            if store is not None:
+                store.lookup(())  # counted as a lookup that the memory tier did not serve
+            return
+        self.disk_tokens = 0
         entries = store.lookup(self.keys) if store is not None else []
         self.cached_tokens = self._next = len(entries) * block
         if entries:
@@ -210,6 +506,10 @@ class RowPrefill:
             j = start // self.block
             if self.keys[j] not in self.store:
                 self.store.insert(self.keys[:j + 1], snapshot_block(self._state, self._slots, written - self._slots))
+        if self.disk is not None and end - start == self.block and end % self.checkpoint_every == 0:
+            key = self.keys[end // self.block - 1]
+            if self.disk.save(key, self._state, end, replaces=self._saved_key):
+                self._saved_key = key
         self._next, self._slots = end, written
         return self.done
 
@@ -247,7 +547,9 @@ def _pack_slots(cache: Cache, src_S: jax.Array, n) -> Cache:
 
 
 def prefill_prompt(engine: Engine, prompt: Sequence[int], *, block: int, capacity: int,
-                   store: PrefixCache | None = None) -> tuple[EngineState, int]:
-    """`RowPrefill` run to the end: the batch-1 state after `prompt` and the tokens restored from `store`."""
-    run = RowPrefill(engine, prompt, block=block, capacity=capacity, store=store).run()
+                   store: PrefixCache | None = None, disk: StateStore | None = None,
+                   checkpoint_every: int | None = None) -> tuple[EngineState, int]:
+    """`RowPrefill` run to the end: the batch-1 state after `prompt` and the tokens restored (`store`, `disk`)."""
+    run = RowPrefill(engine, prompt, block=block, capacity=capacity, store=store, disk=disk,
+                     checkpoint_every=checkpoint_every).run()
     return run.state(), run.cached_tokens

@@ -123,6 +123,16 @@ def encode_blocks(tokenizer, pieces: Iterable[str], *, block_chars: int = 1 << 1
         yield tokenizer.encode(buf)
 
 
+def encode_text(tokenizer, text: str, *, block_chars: int = 1 << 16, lookahead: int = 1024) -> list[int]:
+    """`tokenizer.encode(text)` (the same ids), computed block by block with `encode_blocks` when the text is
+    longer than `block_chars` characters, so a long document is never tokenized in one call."""
+    if len(text) <= block_chars:
+        return tokenizer.encode(text)
+    pieces = (text[i:i + block_chars] for i in range(0, len(text), block_chars))
+    return [t for block in encode_blocks(tokenizer, pieces, block_chars=block_chars, lookahead=lookahead)
+            for t in block]
+
+
 # ---------------------------------------------------------------------------------------------- fingerprints
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of the file's bytes (read in 1 MiB pieces)."""

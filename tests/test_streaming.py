@@ -15,7 +15,7 @@ from m1jax.cli import main
 from m1jax.demo import demo_model, demo_tokenizer, training_corpus
 from m1jax.generation import Engine, GenerationError
 from m1jax.sampling import SamplingParams
-from m1jax.streaming import encode_blocks, prefill_file, prefill_stream, read_text
+from m1jax.streaming import encode_blocks, encode_text, prefill_file, prefill_stream, read_text
 
 REPO = Path(__file__).parents[1]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(), repetition_stop=None)
@@ -45,6 +45,43 @@ def test_blocks_concatenate_to_the_whole_encoding(tokenizer, tmp_path, block_cha
     blocks = list(encode_blocks(tokenizer, pieces, block_chars=block_chars, lookahead=lookahead))
     assert len(blocks) > len(text) // (4 * block_chars + 2 * lookahead)
     assert [t for b in blocks for t in b] == tokenizer.encode(text)
+
+
+class _Spy:
+    """A tokenizer that records the length of every text it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode(self, text, **kw):
+        self.lengths.append(len(text))
+        return self.tokenizer.encode(text, **kw)
+
+
+@pytest.mark.parametrize("block_chars", [7, 64, 1000])
+def test_api_prompts_are_tokenized_blockwise_to_the_whole_text_ids(tokenizer, monkeypatch, block_chars):
+    """The server's long inputs (generate `input`, completion `prompt`, chat messages) are encoded in blocks
+    (`encode_text`) to exactly the ids of the whole-text encoding: multibyte text, whitespace runs, special-token
+    text at any offset."""
+    import json
+
+    from m1jax.serving import openai_protocol as op
+
+    text = document(30) + " " * 300 + "<think>\n" + "你好😀\u3000" * 40 + "</think>" + MIXED
+    spy = _Spy(tokenizer)
+    assert encode_text(spy, text, block_chars=block_chars) == tokenizer.encode(text)
+    assert max(spy.lengths) < len(text)  # never the whole text in one call
+    monkeypatch.setattr(op, "ENCODE_BLOCK_CHARS", block_chars)
+    chat_text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    for url, body, whole in [(op.GENERATE_URL, {"input": text}, text), (op.COMPLETIONS_URL, {"prompt": text}, text),
+                             (op.CHAT_URL, {"messages": [{"role": "user", "content": text}]}, chat_text)]:
+        spy.lengths.clear()
+        prepared = op.build_request(op.parse_body(op.SCHEMAS[url], json.dumps(body)), spy, context_window=1 << 20)
+        assert prepared.prompt_ids == tokenizer.encode(whole), url
+        assert max(spy.lengths) < len(text), url
 
 
 def test_invalid_utf8_names_the_offset(tmp_path):

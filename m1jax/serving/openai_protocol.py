@@ -5,7 +5,8 @@
   a missing field, a non-finite or out-of-range number, bad UTF-8 or an unsupported option becomes an `ApiError`
   (HTTP 400, OpenAI's error shape) whose `param` names the offending field (`messages.0.content`).
 * `build_request` turns a validated body into a scheduler `Request` (chat messages rendered with the tokenizer's
-  chat template; `max_tokens` checked against the context window).
+  chat template; a text longer than `ENCODE_BLOCK_CHARS` tokenized block-wise by `streaming.encode_text`, to the
+  ids of the whole-text encoding; `max_tokens` checked against the context window).
 * `chat_completion_body`, `completion_body`, `generate_body` and `usage_body` turn a finished `RequestOutput`
   into response JSON; `ChatStream` and `CompletionStream` turn a request's `Delta`s into streaming chunks.
 """
@@ -25,9 +26,11 @@ from m1jax import chat
 from m1jax.sampling import SamplingParams
 from m1jax.serving.output_parser import OutputStreamParser
 from m1jax.serving.scheduler import Request
+from m1jax.streaming import encode_text
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20
+ENCODE_BLOCK_CHARS = 1 << 16  # prompts longer than this are tokenized block-wise (`streaming.encode_text`)
 CHAT_URL, COMPLETIONS_URL, GENERATE_URL = "/v1/chat/completions", "/v1/completions", "/v1/minimax-m1/generate"
 
 # The finish reasons of `RequestOutput` as the OpenAI API spells them (the seed endpoint reports them unchanged).
@@ -351,7 +354,7 @@ def build_request(body: BaseModel, tokenizer, *, context_window: int, defaults: 
     if isinstance(body, ChatCompletionRequest):
         kind, prompt_param = "chat", "messages"
         text = render_messages(body.messages, body.tools if body.tool_choice != "none" else None, tokenizer)
-        ids = tokenizer.encode(text)
+        ids = encode_text(tokenizer, text, block_chars=ENCODE_BLOCK_CHARS)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs, top = body.logprobs, body.top_logprobs or 0
@@ -361,7 +364,7 @@ def build_request(body: BaseModel, tokenizer, *, context_window: int, defaults: 
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], (str, list)) \
             else body.prompt
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            ids = encode_text(tokenizer, prompt, block_chars=ENCODE_BLOCK_CHARS)
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
@@ -373,9 +376,10 @@ def build_request(body: BaseModel, tokenizer, *, context_window: int, defaults: 
     elif isinstance(body, GenerateRequest):
         kind, prompt_param, max_param, asked = "generate", "input", "max_output_tokens", body.max_output_tokens
         if isinstance(body.input, str):
-            ids = tokenizer.encode(body.input)
+            ids = encode_text(tokenizer, body.input, block_chars=ENCODE_BLOCK_CHARS)
         else:
-            ids = tokenizer.encode(render_messages(body.input, body.tools, tokenizer))
+            ids = encode_text(tokenizer, render_messages(body.input, body.tools, tokenizer),
+                              block_chars=ENCODE_BLOCK_CHARS)
         logprobs, top = body.top_logprobs > 0, body.top_logprobs
         default_max, tools = defaults.max_tokens, bool(body.tools)
         if body.context_window is not None:

@@ -30,6 +30,10 @@ Design (the model and the cache format stay those of `Engine`):
   request's routing log, `moe.routing_log`) and, when asked, `RequestOutput.routed_experts` are made. Requests
   with a threshold < 1 or asking for routed experts skip the prefix cache (it holds exact-routing states and no
   routing record); for the others its restored and block prefills are not in the routing log.
+* With a `state_dir` the block-aligned prefill also checkpoints the row's state to disk every `checkpoint_every`
+  tokens and a newcomer restores the deepest checkpoint of its prompt (`m1jax.prefix_cache.StateStore`): a long
+  prefill interrupted by a kill resumes there when the request comes again, and prefixes stay cached across
+  restarts (at most `state_max_bytes` on disk).
 
 So a request's greedy tokens equal those of `Engine.generate` of its prompt alone, and its log-probs agree to
 fp32 rounding (different prefill chunking and slot placement change summation order only).
@@ -69,10 +73,12 @@ from m1jax.generation import (
     to_host,
 )
 from m1jax.modules.moe import routing_log
-from m1jax.prefix_cache import PrefixCache, RowPrefill, row_slots
+from m1jax.prefix_cache import PrefixCache, RowPrefill, StateStore, row_slots, store_fingerprint
 from m1jax.sampling import SamplingParams
 
 DEFAULT_CONTEXT = 32_768  # context_window when none is given (capped by the engine's max_len)
+DEFAULT_CHECKPOINT_TOKENS = 65_536  # state checkpoints every this many tokens (rounded to the prefill chunk)
+DEFAULT_STATE_BYTES = 20 << 30  # disk budget of a state directory
 _IDLE = SamplingParams(temperature=0.0, max_new_tokens=1, stop_token_ids=(), repetition_stop=None)
 _STOP_STRING = FINISH_REASONS.index("stop_string")
 
@@ -248,10 +254,13 @@ class Scheduler:
 
     `slots` rows decode together; `context_window` bounds prompt + max_new_tokens of a request (default: the
     engine's max_len, at most `DEFAULT_CONTEXT`); each `step()` runs ≤ `prefill_chunk` prompt tokens of one
-    newcomer and one decode burst of ≤ `decode_steps` steps."""
+    newcomer and one decode burst of ≤ `decode_steps` steps. `state_dir`: checkpoint long prefills there every
+    `checkpoint_every` tokens (a multiple of `prefill_chunk`; default about `DEFAULT_CHECKPOINT_TOKENS`) and
+    restore from them, within `state_max_bytes` on disk."""
 
     def __init__(self, engine: Engine, *, slots: int = 8, context_window: int | None = None,
-                 prefill_chunk: int = 256, decode_steps: int = 4, prefix_cache_tokens: int = 0):
+                 prefill_chunk: int = 256, decode_steps: int = 4, prefix_cache_tokens: int = 0,
+                 state_dir=None, checkpoint_every: int | None = None, state_max_bytes: int = DEFAULT_STATE_BYTES):
         for name, value in (("slots", slots), ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise GenerationError(f"{name} must be an integer ≥ 1, got {value!r}")
@@ -269,8 +278,12 @@ class Scheduler:
         self._row_slots = _round_up(self.context_window, self.prefill_chunk)  # a newcomer's cache (one shape)
         # With a prefix cache newcomers prefill block-aligned (`m1jax.prefix_cache`, block = prefill_chunk).
         self.prefix_cache = PrefixCache(self.prefill_chunk, int(pct)) if pct else None
-        if self.prefix_cache is not None:
+        self.checkpoint_every = self._checkpoint_every(state_dir, checkpoint_every, state_max_bytes)
+        if self.prefix_cache is not None or state_dir is not None:
             self._row_slots = row_slots(engine, self.context_window, self.prefill_chunk)
+        self.state_store = None if state_dir is None else StateStore(
+            state_dir, max_bytes=int(state_max_bytes),
+            fingerprint=store_fingerprint(engine, self.prefill_chunk, self._row_slots))
         self.shifts = 0  # timeline moves so far (left or right)
         self._reset_pool()
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -283,6 +296,21 @@ class Scheduler:
         self._stopping = False
         self._generated = 0
         self._busy_s = 0.0
+
+    def _checkpoint_every(self, state_dir, checkpoint_every, max_bytes) -> int | None:
+        """The validated state-directory options' tokens between checkpoints (None without a `state_dir`)."""
+        chunk = self.prefill_chunk
+        if state_dir is None:
+            if checkpoint_every is not None:
+                raise GenerationError("checkpoint_every needs a state_dir")
+            return None
+        every = chunk * max(1, DEFAULT_CHECKPOINT_TOKENS // chunk) if checkpoint_every is None else checkpoint_every
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < chunk or every % chunk:
+            raise GenerationError(f"checkpoint_every must be a positive multiple of prefill_chunk {chunk}, got "
+                                  f"{checkpoint_every!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+            raise GenerationError(f"state_max_bytes must be an integer ≥ 0, got {max_bytes!r}")
+        return int(every)
 
     def _reset_pool(self) -> None:
         """An empty pool: every slot free, the cache zeroed."""
@@ -367,17 +395,23 @@ class Scheduler:
         with self._lock:
             self._cancels |= set(self._ids)
         self.step()
+        if self.state_store is not None:
+            self.state_store.flush()
 
     def stats(self) -> dict:
         """Queue and throughput counters: waiting, running, slots, generated_tokens, tokens_per_s (generated
-        tokens over the time steps had work), prefix_lookups, prefix_hits."""
+        tokens over the time steps had work), prefix_lookups, prefix_hits; with a state directory state_written,
+        state_skipped, state_restores, state_restored_tokens, state_ignored, state_bytes (`StateStore`)."""
         with self._lock:
             waiting = len(self._waiting)
         running = sum(j is not None for j in self._jobs)
         return {"waiting": waiting, "running": running, "slots": self.slots, "generated_tokens": self._generated,
                 "tokens_per_s": self._generated / self._busy_s if self._busy_s else 0.0,
                 "prefix_lookups": self.prefix_cache.lookups if self.prefix_cache else 0,
-                "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0}
+                "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,
+                **({f"state_{k}": getattr(store, k) for k in ("written", "skipped", "restores", "restored_tokens",
+                                                               "ignored", "bytes")}
+                   if (store := self.state_store) is not None else {})}
 
     # ------------------------------------------------------------------------------------ validation
     def _validate(self, request: Request) -> _Job:
@@ -420,10 +454,11 @@ class Scheduler:
         self._jobs[job.slot] = job
         # The prefix cache holds exact-routing states and no routing record: a request with a threshold, or one
         # that wants every token's routed experts, is prefilled on its own.
-        if self.prefix_cache is not None and job.request.expert_threshold >= 1.0 \
-                and not job.request.return_routed_experts:
+        if (self.prefix_cache is not None or self.state_store is not None) \
+                and job.request.expert_threshold >= 1.0 and not job.request.return_routed_experts:
             job.prefill = RowPrefill(self.engine, job.prompt, block=self.prefill_chunk, capacity=self._row_slots,
-                                     store=self.prefix_cache)
+                                     store=self.prefix_cache, disk=self.state_store,
+                                     checkpoint_every=self.checkpoint_every)
             self._prefilling = job
             return
         tokens, positions, valid, chunk = prefill_layout([job.prompt], [0], self.prefill_chunk)

@@ -63,6 +63,20 @@ def prometheus_text(stats: dict, http_counts: Counter) -> str:
         ("m1jax_prefix_cache_hits_total", "counter", "prefix-cache hits", hits),
         ("m1jax_prefix_cache_hit_rate", "gauge", "prefix-cache hits / lookups", hits / lookups if lookups else 0.0),
     ]
+    if "state_written" in stats:  # m1jax serve --state-dir
+        metrics += [
+            ("m1jax_state_checkpoints_written_total", "counter", "prefill states written to the state directory",
+             stats["state_written"]),
+            ("m1jax_state_checkpoints_skipped_total", "counter", "checkpoints not queued (the writer was busy)",
+             stats["state_skipped"]),
+            ("m1jax_state_restores_total", "counter", "prefills resumed from a state checkpoint",
+             stats["state_restores"]),
+            ("m1jax_state_restored_tokens_total", "counter", "prompt tokens restored from state checkpoints",
+             stats["state_restored_tokens"]),
+            ("m1jax_state_checkpoints_ignored_total", "counter",
+             "checkpoints ignored: unreadable, interrupted or another fingerprint", stats["state_ignored"]),
+            ("m1jax_state_disk_bytes", "gauge", "bytes of the state directory's checkpoints", stats["state_bytes"]),
+        ]
     lines = []
     for name, kind, help_text, value in metrics:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
