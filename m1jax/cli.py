@@ -167,6 +167,10 @@ def _serving_setup(args, *, local_devices: bool = False):
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
     if not args.temperature >= 0:
         raise UserError(f"--temperature must be ≥ 0, got {args.temperature}")
+    if args.checkpoint_every is not None and args.state_dir is None:
+        raise UserError("--checkpoint-every needs --state-dir")
+    if not args.state_max_gb >= 0:
+        raise UserError(f"--state-max-gb must be ≥ 0, got {args.state_max_gb}")
     defaults = Defaults(temperature=args.temperature, max_tokens=args.max_tokens)
     mesh = None
     if args.mesh:
@@ -180,10 +184,6 @@ def _serving_setup(args, *, local_devices: bool = False):
             raise UserError(f"--mesh {args.mesh}: {e}") from None
     model, tokenizer = _load_model_and_tokenizer(args)
     engine = Engine(model, tokenizer, mesh=mesh)
-    if args.checkpoint_every is not None and args.state_dir is None:
-        raise UserError("--checkpoint-every needs --state-dir")
-    if not args.state_max_gb >= 0:
-        raise UserError(f"--state-max-gb must be ≥ 0, got {args.state_max_gb}")
     scheduler = Scheduler(engine, slots=args.slots, context_window=args.context_window,
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefix_cache_tokens=args.prefix_cache_tokens, state_dir=args.state_dir,
@@ -202,8 +202,11 @@ def cmd_serve(args) -> int:
     scheduler, tokenizer, _, name, defaults = _serving_setup(args)
     app = create_app(scheduler, tokenizer, name, context_window=args.context_window, defaults=defaults)
     scheduler.start()
+    store = scheduler.state_store
+    state = "" if store is None else (f", state dir {store.directory}: {len(store)} checkpoints, checkpoint every "
+                                      f"{scheduler.checkpoint_every} tokens")
     print(f"m1jax serve: {name} on http://{args.host}:{args.port} ({args.slots} slots, context window "
-          f"{args.context_window})", file=sys.stderr)
+          f"{args.context_window}{state})", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:

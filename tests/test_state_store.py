@@ -174,6 +174,23 @@ def test_bad_options_are_refused(engine, fp, tmp_path):
         Scheduler(engine, slots=1, context_window=64, prefill_chunk=BLOCK, checkpoint_every=32)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint-every", "64"], "--checkpoint-every needs --state-dir"),
+    (["--state-dir", "{tmp}", "--checkpoint-every", "100"], "checkpoint_every must be a positive multiple of "
+                                                             "prefill_chunk 64, got 100"),
+    (["--state-dir", "{tmp}/file/sub"], "as the state directory"),
+    (["--state-dir", "{tmp}", "--state-max-gb", "-1"], "--state-max-gb must be ≥ 0"),
+])
+def test_serve_flags_are_checked(tmp_path, capsys, extra, message):
+    from m1jax.cli import main
+
+    (tmp_path / "file").write_text("x")
+    argv = ["serve", "--preset", "tiny", "--prefill-chunk", "64", *(a.format(tmp=tmp_path) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
 # -------------------------------------------------------------------------------------------- scheduler
 POOL = dict(slots=2, context_window=160, prefill_chunk=BLOCK, decode_steps=4)
 
