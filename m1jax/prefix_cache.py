@@ -47,6 +47,7 @@ import re
 import shutil
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -207,6 +208,10 @@ def store_fingerprint(engine: Engine, block: int, capacity: int) -> dict:
             "mesh": None if engine.mesh is None else {str(k): int(v) for k, v in engine.mesh.shape.items()}}
 
 
+class _OtherFingerprint(Exception):
+    """A checkpoint made with another fingerprint (the message names the fields that differ)."""
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -217,8 +222,11 @@ class StateStore:
     besides their tokens: checkpoints with another one are ignored (a log line; kept until evicted, first). At most
     `max_bytes` on disk, least recently used evicted first. Saves run on a writer thread, at most `pending` queued.
 
-    Counters: `written`, `skipped` (not queued: the writer was busy), `restores`, `restored_tokens`, `ignored`
-    (checkpoints found unreadable, deleted, or of another fingerprint)."""
+    Counters: `written`, `skipped` (not queued: the writer was busy), `restores` (of which `prefetched`: read
+    ahead by `prefetch`), `restored_tokens`, `ignored` (checkpoints found unreadable, deleted, or of another
+    fingerprint)."""
+
+    PREFETCH = 2  # checkpoints read ahead and held in memory at most
 
     def __init__(self, directory, *, fingerprint: dict, max_bytes: int, pending: int = 2):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
@@ -232,11 +240,13 @@ class StateStore:
             raise GenerationError(f"the state directory {directory} is not writable")
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from a checkpoint
         self.max_bytes = max_bytes
-        self.written = self.skipped = self.restores = self.restored_tokens = self.ignored = 0
+        self.written = self.skipped = self.restores = self.prefetched = self.restored_tokens = self.ignored = 0
         self._lock = threading.Lock()
         self._index: collections.OrderedDict[str, int] = collections.OrderedDict()  # name → bytes, LRU first
         self._foreign: dict[str, int] = {}  # checkpoints of another fingerprint: name → bytes
         self._pending: dict[str, EngineState] = {}  # queued saves (restorable before they reach the disk)
+        self._prefetched: collections.OrderedDict[str, Future] = collections.OrderedDict()  # reads under way / done
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m1jax-state-reader")
         self._scan()
         self._queue: queue.Queue = queue.Queue(maxsize=pending)
         self._thread = threading.Thread(target=self._write_loop, name="m1jax-state-writer", daemon=True)
@@ -262,30 +272,30 @@ class StateStore:
     def restore(self, engine: Engine, keys: Sequence[bytes], capacity: int,
                 above: int = 0) -> tuple[EngineState, int] | None:
         """The deepest checkpoint of `keys` deeper than `above` blocks that loads, as the batch-1 state in a
-        `capacity`-slot cache (bit-identical to the state it saved) and its depth in blocks; None if none."""
+        `capacity`-slot cache (bit-identical to the state it saved) and its depth in blocks; None if none. A
+        checkpoint still queued for writing, or already read by `prefetch`, is taken from memory."""
         while d := self.deepest(keys, above):
             name = keys[d - 1].hex()
-            path = self.directory / name
             with self._lock:
-                queued = self._pending.get(name)
+                queued, fetched = self._pending.get(name), self._prefetched.pop(name, None)
             try:
-                meta = {"fingerprint": self.fingerprint, "tokens": int(to_host(queued.positions_B)[0])} \
-                    if queued is not None else saved_state_metadata(path)
-                if diff := self._differs(meta):
-                    with self._lock:
-                        self._foreign[name] = self._index.pop(name, 0)
-                        self.ignored += 1
-                    log.warning("ignoring state checkpoint %s: made with another %s", path, ", ".join(diff))
-                    continue
-                saved = queued if queued is not None else load_state(path, engine.config)
-                n, cache = int(meta["tokens"]), saved.cache
-                if int(to_host(saved.positions_B)[0]) != n or cache.batch_size != 1 or cache.max_len > capacity:
-                    raise GenerationError(f"holds {cache.batch_size} rows, {cache.max_len} slots and position "
-                                          f"{int(to_host(saved.positions_B)[0])} (expected 1, ≤ {capacity}, {n})")
+                if queued is not None:
+                    saved, n = queued, int(to_host(queued.positions_B)[0])
+                else:
+                    saved, n = self._read(name, engine) if fetched is None else fetched.result()
+                cache = saved.cache
+                if cache.max_len > capacity:
+                    raise GenerationError(f"holds {cache.max_len} slots, more than the {capacity}-slot row cache")
                 entry = PrefixEntry(layers=tuple(tuple(x[0] for x in layer) if isinstance(layer, tuple)
                                                  else layer[0] for layer in cache.per_layer()),
                                     valid_W=cache.valid_BxS[0], logits_V=saved.next_logits_BxV[0])
                 state = restore_blocks(engine, [entry], n, capacity)
+            except _OtherFingerprint as e:  # replaced by another server since the directory was indexed
+                with self._lock:
+                    self._foreign[name] = self._index.pop(name, 0)
+                    self.ignored += 1
+                log.warning("ignoring state checkpoint %s: made with another %s", self.directory / name, e)
+                continue
             except Exception as e:  # orbax and the metadata fail in many ways; the checkpoint is unusable
                 self._discard(name, f"unreadable ({type(e).__name__}: {e})")
                 continue
@@ -293,13 +303,42 @@ class StateStore:
                 if name in self._index:
                     self._index.move_to_end(name)
                 self.restores += 1
+                self.prefetched += fetched is not None
                 self.restored_tokens += n
             try:
-                os.utime(path)  # recency survives a restart
+                os.utime(self.directory / name)  # recency survives a restart
             except OSError:  # not written yet
                 pass
             return state, d
         return None
+
+    def prefetch(self, engine: Engine, keys: Sequence[bytes]) -> Future | None:
+        """Start reading the deepest checkpoint of `keys` on the loader thread (the future of `_read`), so that a
+        later `restore` takes it from memory; None when there is nothing to read. At most `PREFETCH` are held."""
+        if not (d := self.deepest(keys)):
+            return None
+        name = keys[d - 1].hex()
+        with self._lock:
+            if name in self._pending:
+                return None
+            if name not in self._prefetched:
+                self._prefetched[name] = self._loader.submit(self._read, name, engine)
+                while len(self._prefetched) > self.PREFETCH:
+                    self._prefetched.popitem(last=False)
+            return self._prefetched[name]
+
+    def _read(self, name: str, engine: Engine) -> tuple[EngineState, int]:
+        """The saved state (its cache trimmed to the written slots) and token count of checkpoint `name`;
+        `_OtherFingerprint` for another fingerprint's, any other exception for a damaged one."""
+        path = self.directory / name
+        meta = saved_state_metadata(path)
+        if diff := self._differs(meta):
+            raise _OtherFingerprint(", ".join(diff))
+        saved, n = load_state(path, engine.config), int(meta["tokens"])
+        position = int(to_host(saved.positions_B)[0])
+        if saved.cache.batch_size != 1 or position != n:
+            raise GenerationError(f"holds {saved.cache.batch_size} rows at position {position}, expected 1 at {n}")
+        return saved, n
 
     # ------------------------------------------------------------------------------------------- saving
     def save(self, key: bytes, state: EngineState, tokens: int, *, replaces: bytes | None = None) -> bool:
@@ -329,10 +368,11 @@ class StateStore:
         self._queue.join()
 
     def close(self) -> None:
-        """Write the queued checkpoints and stop the writer thread."""
+        """Write the queued checkpoints and stop the writer and reader threads."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._loader.shutdown(wait=True, cancel_futures=True)
 
     def _write_loop(self) -> None:
         while True:

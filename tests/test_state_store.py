@@ -361,3 +361,21 @@ def test_server_killed_mid_prefill_resumes_to_the_uninterrupted_output(tmp_path)
     for field in ("text", "reasoning", "content", "finish_reason", "logprobs"):  # log-probs exactly
         assert resumed[field] == expected[field], field
     assert resumed["usage"]["output_tokens"] == len(ref.tokens) == 8
+
+
+def test_a_checkpoint_is_read_ahead_while_other_requests_decode(engine, tmp_path):
+    doc = tokens(12, 4 * BLOCK + 3)
+    first = Scheduler(engine, **POOL, state_dir=tmp_path, checkpoint_every=2 * BLOCK)
+    first.run([request(doc)])
+    first.shutdown()
+    sched = Scheduler(engine, **POOL, state_dir=tmp_path, checkpoint_every=2 * BLOCK)
+    busy = sched.submit(Request(prompt=tokens(13, 5), sampling=SamplingParams(
+        temperature=0.0, max_new_tokens=60, stop_token_ids=(), repetition_stop=None)))
+    sched.step()  # the first request joins the pool and decodes
+    [out] = sched.run([request(doc)])  # admitted once its checkpoint is read (the decode goes on meanwhile)
+    assert not busy.done or len(busy.result().tokens) > 4
+    stats = sched.stats()
+    assert stats["state_restores"] == stats["state_prefetched"] == 1 and out.cached_tokens == 4 * BLOCK
+    [ref] = Scheduler(engine, **POOL, prefix_cache_tokens=1).run([request(doc)])
+    assert_outputs_equal(out, ref)
+    sched.shutdown()

@@ -73,7 +73,7 @@ from m1jax.generation import (
     to_host,
 )
 from m1jax.modules.moe import routing_log
-from m1jax.prefix_cache import PrefixCache, RowPrefill, StateStore, row_slots, store_fingerprint
+from m1jax.prefix_cache import PrefixCache, RowPrefill, StateStore, block_keys, row_slots, store_fingerprint
 from m1jax.sampling import SamplingParams
 
 DEFAULT_CONTEXT = 32_768  # context_window when none is given (capped by the engine's max_len)
@@ -196,6 +196,7 @@ class _Job:
     row_cache: Cache | None = None
     row_logits: jax.Array | None = None
     prefill: RowPrefill | None = None  # prefill through the prefix cache
+    prefetch: object = None  # the read-ahead of its state checkpoint (a Future), False when there is none
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     span: int = 0  # tokens of the row on the pool's timeline
     emitted: int = 0  # characters of text streamed
@@ -401,7 +402,8 @@ class Scheduler:
     def stats(self) -> dict:
         """Queue and throughput counters: waiting, running, slots, generated_tokens, tokens_per_s (generated
         tokens over the time steps had work), prefix_lookups, prefix_hits; with a state directory state_written,
-        state_skipped, state_restores, state_restored_tokens, state_ignored, state_bytes (`StateStore`)."""
+        state_skipped, state_restores, state_prefetched, state_restored_tokens, state_ignored, state_bytes
+        (`StateStore`)."""
         with self._lock:
             waiting = len(self._waiting)
         running = sum(j is not None for j in self._jobs)
@@ -409,8 +411,8 @@ class Scheduler:
                 "tokens_per_s": self._generated / self._busy_s if self._busy_s else 0.0,
                 "prefix_lookups": self.prefix_cache.lookups if self.prefix_cache else 0,
                 "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,
-                **({f"state_{k}": getattr(store, k) for k in ("written", "skipped", "restores", "restored_tokens",
-                                                               "ignored", "bytes")}
+                **({f"state_{k}": getattr(store, k) for k in ("written", "skipped", "restores", "prefetched",
+                                                               "restored_tokens", "ignored", "bytes")}
                    if (store := self.state_store) is not None else {})}
 
     # ------------------------------------------------------------------------------------ validation
@@ -442,20 +444,34 @@ class Scheduler:
         with self._lock:
             return bool(self._waiting) or self._prefilling is not None or any(j is not None for j in self._jobs)
 
+    def _block_aligned(self, job: _Job) -> bool:
+        """Whether `job` is prefilled through the prefix cache / state directory. They hold exact-routing states
+        and no routing record: a request with a threshold, or one that wants every token's routed experts, is
+        prefilled on its own."""
+        return (self.prefix_cache is not None or self.state_store is not None) \
+            and job.request.expert_threshold >= 1.0 and not job.request.return_routed_experts
+
     def _admit(self) -> None:
-        """Start prefilling the next waiting request when no prefill runs and a slot is free."""
+        """Start prefilling the next waiting request when no prefill runs and a slot is free. While its state
+        checkpoint is read from disk (`StateStore.prefetch`) and other requests decode, it waits."""
         if self._prefilling is not None or None not in self._jobs:
             return
         with self._lock:
             if not self._waiting:
                 return
-            job = self._waiting.popleft()
+            job = self._waiting[0]
+        if self.state_store is not None and job.prefetch is None:
+            job.prefetch = (self._block_aligned(job) and self.state_store.prefetch(
+                self.engine, block_keys(job.prompt, self.prefill_chunk))) or False
+        if job.prefetch and not job.prefetch.done() and any(j is not None and j.live for j in self._jobs):
+            return
+        with self._lock:
+            if not self._waiting or self._waiting[0] is not job:  # cancelled meanwhile
+                return
+            self._waiting.popleft()
         job.slot = self._jobs.index(None)
         self._jobs[job.slot] = job
-        # The prefix cache holds exact-routing states and no routing record: a request with a threshold, or one
-        # that wants every token's routed experts, is prefilled on its own.
-        if (self.prefix_cache is not None or self.state_store is not None) \
-                and job.request.expert_threshold >= 1.0 and not job.request.return_routed_experts:
+        if self._block_aligned(job):
             job.prefill = RowPrefill(self.engine, job.prompt, block=self.prefill_chunk, capacity=self._row_slots,
                                      store=self.prefix_cache, disk=self.state_store,
                                      checkpoint_every=self.checkpoint_every)

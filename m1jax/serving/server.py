@@ -71,6 +71,8 @@ def prometheus_text(stats: dict, http_counts: Counter) -> str:
              stats["state_skipped"]),
             ("m1jax_state_restores_total", "counter", "prefills resumed from a state checkpoint",
              stats["state_restores"]),
+            ("m1jax_state_prefetched_total", "counter", "restores whose checkpoint was read while the request "
+             "waited", stats["state_prefetched"]),
             ("m1jax_state_restored_tokens_total", "counter", "prompt tokens restored from state checkpoints",
              stats["state_restored_tokens"]),
             ("m1jax_state_checkpoints_ignored_total", "counter",
