@@ -249,7 +249,7 @@ def cmd_plan(args) -> int:
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                           lora_targets=None if args.lora_targets is None else tuple(
                               t.strip() for t in args.lora_targets.split(",")),
-                          compile=not args.no_compile)
+                          compile=not args.no_compile, top=args.top)
         if req.compile and topo.tpu_topology is not None:
             ensure_tpu_compiler(sys.argv[1:] if args.argv is None else args.argv)
         result = plan(req)
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, help="LoRA scale α (default: 2 · rank)")
     p.add_argument("--lora-targets", help="LoRA targets, comma-separated: attention,experts (the default)")
     p.add_argument("--no-compile", action="store_true", help="shape arithmetic only (no libtpu needed)")
+    p.add_argument("--top", type=int, default=0, help="list the compiled step's N costliest operations by HBM "
+                   "bytes and by FLOPs (loop bodies × trip counts)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan, argv=None)
     p = sub.add_parser("verify", help="check a checkpoint for silently wrong output (self-consistency checks, "

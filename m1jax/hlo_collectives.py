@@ -608,3 +608,21 @@ def program_cost(hlo_text: str, loops: bool = True, trips: dict[str, int] | None
     costs = instruction_costs(hlo_text, loops, trips)
     return {"flops": sum(c.total_flops for c in costs), "bytes accessed": sum(c.total_bytes for c in costs),
             "hbm bytes": sum(c.total_hbm_bytes for c in costs)}
+
+
+def costliest(costs: Iterable[InstructionCost], n: int = 20, key: str = "hbm_bytes") -> list[dict]:
+    """The `n` JAX operations (XLA op_name, and opcode) whose instructions account for the most `key`
+    ("hbm_bytes", "bytes" or "flops") per run, with totals per run: instructions, executions, hbm_bytes,
+    bytes, flops; sorted by `key`, largest first."""
+    if key not in ("hbm_bytes", "bytes", "flops"):
+        raise ValueError(f"costliest: key must be hbm_bytes, bytes or flops, got {key!r}")
+    groups: dict[tuple[str, str], dict] = {}
+    for c in costs:
+        g = groups.setdefault((c.source, c.op), {"source": c.source, "op": c.op, "instructions": 0,
+                                                 "executions": 0, "hbm_bytes": 0.0, "bytes": 0.0, "flops": 0.0})
+        g["instructions"] += 1
+        g["executions"] += c.count
+        g["hbm_bytes"] += c.total_hbm_bytes
+        g["bytes"] += c.total_bytes
+        g["flops"] += c.total_flops
+    return sorted(groups.values(), key=lambda g: -g[key])[:n]

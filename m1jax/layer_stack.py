@@ -135,25 +135,38 @@ def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tup
     `hidden_axes` after every layer.
 
     `caches`: per position, that position's cache entries stacked over groups (`Cache.layers` of a scanned
-    model), or None.
+    model), or None. They are the scan's carry, updated in place: group g's softmax layers write their new
+    K/V into the stacks at [g, :, slots] and read their keys from there (`ctx["cache_group"]`), a lightning
+    layer's new state replaces slice g of its stack; so no group's cache is copied out of the stacks or back.
+    Without caches the new entries (the lightning layers' final states) are the scan's stacked outputs.
     """
     graphdefs, states = zip(*(nnx.split(layer) for layer in stacked), strict=True)
     slopes = group_slopes(config)
+    softmax = tuple(kind != LIGHTNING for kind in config.layer_types[:config.layer_period])
 
-    def group(h, xs):
-        layer_states, layer_caches, layer_slopes_, g = xs
-        group_ctx = {**ctx, "layer_offset": g * config.layer_period}  # layer i = g·P + p
+    def group(carry, xs):
+        h, caches = carry
+        layer_states, layer_slopes_, g = xs
+        group_ctx = {**ctx, "layer_offset": g * config.layer_period, "cache_group": g}  # layer i = g·P + p
         new_caches, stats, hidden = [], [], []
         for p, graphdef in enumerate(graphdefs):
             layer = nnx.merge(graphdef, layer_states[p])
-            h, c, s = layer(h, ctx=group_ctx, layer_cache=None if layer_caches is None else layer_caches[p],
-                            slope_H=layer_slopes_[p])
+            if caches is None:
+                layer_cache = None
+            else:  # softmax: the whole stacks (updated in place); lightning: group g's state
+                layer_cache = caches[p] if softmax[p] else caches[p][g]
+            h, c, s = layer(h, ctx=group_ctx, layer_cache=layer_cache, slope_H=layer_slopes_[p])
             h = constrain(h, hidden_axes)
+            if caches is not None and not softmax[p]:
+                c = jax.lax.dynamic_update_index_in_dim(caches[p], c.astype(caches[p].dtype), g, axis=0)
             new_caches.append(c)
             stats.append(s)
             hidden.append(h)
-        return h, (tuple(new_caches), tuple(stats), tuple(hidden) if collect_hidden else None)
+        new_caches = tuple(new_caches)
+        ys = (None if caches is not None else new_caches, tuple(stats), tuple(hidden) if collect_hidden else None)
+        return (h, new_caches if caches is not None else None), ys
 
     body = remat(group, config.remat, prevent_cse=False)
     groups = jax.numpy.arange(config.scan_groups, dtype=jax.numpy.int32)
-    return jax.lax.scan(body, h_BxLxD, (tuple(states), caches, slopes, groups))
+    (h, carried), (new_caches, stats, hidden) = jax.lax.scan(body, (h_BxLxD, caches), (tuple(states), slopes, groups))
+    return h, (carried if caches is not None else new_caches, stats, hidden)

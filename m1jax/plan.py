@@ -75,6 +75,7 @@ class PlanRequest:
     lora_alpha: float | None = None  # ModelConfig.lora_alpha (None: 2 · rank, as the trainer's model.lora)
     lora_targets: tuple[str, ...] | None = None  # ModelConfig.lora_targets (None: attention and experts)
     compile: bool = True
+    top: int = 0  # > 0: the step's costliest operations by HBM bytes and by FLOPs (compiled plans)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -451,16 +452,18 @@ def is_expert_weight(parameter_name: str) -> bool:
     return "block_sparse_moe" in keys and any(k in EXPERT_WEIGHTS for k in keys)
 
 
-def step_cost(hlo: str, config, mode: str, batch: int, context: int, mesh_shape: dict[str, int]) -> dict:
+def step_cost(hlo: str, config, mode: str, batch: int, context: int, mesh_shape: dict[str, int], top: int = 0
+              ) -> dict:
     """FLOPs and memory bytes per chip of one step of the compiled program (`hlo_collectives.instruction_costs`:
     every instruction counted as XLA's cost analysis counts it, but loop bodies times their trip counts, which
     `cost_analysis()` counts once). Softmax attention's loop over key blocks runs over the whole cache
     (`context` slots: the step at the end of the context). Decode: the instructions inside the decode loop are
     the step; those outside it run once per call of the loop (a decode burst: `burst_setup_hbm_bytes`).
     `hbm_bytes` counts only arrays in device memory (not on-chip memory such as VMEM); `loops_counted_once`
-    names the loops inside the step whose trip count is unknown (counted once)."""
+    names the loops inside the step whose trip count is unknown (counted once); with `top` > 0, `by_hbm_bytes`
+    and `by_flops` rank the step's operations (`hlo_collectives.costliest`)."""
     from m1jax.cache import KV_AXES
-    from m1jax.hlo_collectives import instruction_costs
+    from m1jax.hlo_collectives import costliest, instruction_costs
     from m1jax.modules.softmax_attention import KEY_BLOCK, KEY_BLOCK_LOOP
     from m1jax.sharding import logical_to_spec
 
@@ -474,11 +477,14 @@ def step_cost(hlo: str, config, mode: str, batch: int, context: int, mesh_shape:
     return {"flops": sum(c.total_flops for c in step), "bytes_accessed": sum(c.total_bytes for c in step),
             "hbm_bytes": sum(c.total_hbm_bytes for c in step),
             "burst_setup_hbm_bytes": sum(c.total_hbm_bytes for c in setup),
-            "loops_counted_once": sorted({c.source for c in step if c.op == "while" and c.trips is None})}
+            "loops_counted_once": sorted({c.source for c in step if c.op == "while" and c.trips is None}),
+            "by_hbm_bytes": costliest(step, top) if top else [],
+            "by_flops": costliest(step, top, "flops") if top else []}
 
 
 def compile_step(config, topo: Topology, mode: str, batch: int, context: int, mesh_shape: dict[str, int],
-                 chunk: int | None = None, micro_batches: int = 1, logprob_chunk: int | None = None) -> dict:
+                 chunk: int | None = None, micro_batches: int = 1, logprob_chunk: int | None = None,
+                 top: int = 0) -> dict:
     """Compile the step deviceless for `topo`; memory, cost and collectives of the compiled program."""
     import jax
 
@@ -516,7 +522,7 @@ def compile_step(config, topo: Topology, mode: str, batch: int, context: int, me
         "peak_bytes": (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
                        + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes),
         "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "step_cost": step_cost(hlo, config, mode, batch, context, mesh_shape),
+        "step_cost": step_cost(hlo, config, mode, batch, context, mesh_shape, top),
         "collectives": hlo_collectives.bytes_by_kind(hlo),
         "expert_weight_gather_bytes": sum(g.total_bytes for g in gathers),
     }
@@ -568,7 +574,7 @@ def plan(req: PlanRequest) -> dict:
     result = None
     if req.compile and topo.tpu_topology is not None:
         result = compile_step(config, topo, req.mode, req.batch, req.context, mesh_shape, req.chunk,
-                              req.micro_batches, req.logprob_chunk)
+                              req.micro_batches, req.logprob_chunk, req.top)
     if result is not None and result["compiled"]:
         coll = result["collectives"]
         cost = result["step_cost"]
@@ -582,6 +588,7 @@ def plan(req: PlanRequest) -> dict:
             "bytes_accessed_all_memories_per_chip": cost["bytes_accessed"],
             "burst_setup_hbm_bytes_per_chip": cost["burst_setup_hbm_bytes"] if req.mode == "decode" else None,
             "loops_counted_once": cost["loops_counted_once"],
+            "costliest_by_hbm_bytes": cost["by_hbm_bytes"], "costliest_by_flops": cost["by_flops"],
             "compiler_flops_per_chip": result["flops"], "compiler_bytes_per_chip": result["bytes_accessed"],
             "collective_bytes_by_kind": coll, "collective_bytes_per_step": sum(coll.values()),
             "expert_weight_gather_bytes": result["expert_weight_gather_bytes"],
@@ -658,6 +665,11 @@ def format_plan(p: dict) -> str:
         if p.get("burst_setup_hbm_bytes_per_chip"):
             lines.append(f"per decode call         {p['burst_setup_hbm_bytes_per_chip'] / GB:.2f} GB of HBM bytes "
                          f"outside the decode loop (once per burst of tokens)")
+        for key, rows in (("HBM bytes", p.get("costliest_by_hbm_bytes")), ("FLOPs", p.get("costliest_by_flops"))):
+            if rows:
+                lines.append(f"costliest operations of the step by {key} (GB of HBM, TFLOP, executions, op, source):")
+                lines += [f"  {r['hbm_bytes'] / GB:8.3f} {r['flops'] / 1e12:7.3f} {r['executions']:5d}  {r['op']:<14s} "
+                          f"{r['source'][-100:]}" for r in rows]
         if p["loops_counted_once"]:
             lines.append(f"loops counted once      {len(p['loops_counted_once'])} (trip count unknown): "
                          f"{'; '.join(p['loops_counted_once'])[:300]}")

@@ -2,6 +2,12 @@
 hand-written module, and on a compiled scanned model that loop bodies count times their trip counts (XLA's
 `cost_analysis()` counts them once)."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -10,6 +16,7 @@ from flax import nnx
 from m1jax import hlo_collectives
 from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1
+from m1jax.topology import deviceless_env, libtpu_available
 
 STATE = "(s32[], f32[10,256], f32[1,256])"
 KERNEL = '{"cost_estimate":{"flops":"5000","transcendentals":"0","bytes_accessed":"777"}}'
@@ -134,3 +141,51 @@ def test_scanned_groups_count_times_their_number():
         once = hlo_collectives.program_cost(hlo, loops=False)
         assert once["flops"] == pytest.approx(compiler["flops"], rel=0.02)
         assert once["bytes accessed"] == pytest.approx(compiler["bytes accessed"], rel=0.1)
+
+
+def test_costliest_groups_by_operation_and_ranks():
+    costs = hlo_collectives.instruction_costs(MODULE)
+    top = hlo_collectives.costliest(costs, 2)
+    assert [(r["op"], r["source"]) for r in top] == [("fusion", ""), ("multiply", "")]  # the 2 fusions as one
+    assert (top[0]["instructions"], top[0]["executions"], top[0]["hbm_bytes"]) == (2, 20, 20 * (2 * ROW + 4))
+    assert top[1]["hbm_bytes"] == 3 * BUF and top[1]["executions"] == 1
+    by_flops = hlo_collectives.costliest(costs, 1, "flops")[0]
+    assert (by_flops["op"], by_flops["flops"]) == ("custom-call", 5000)
+    add = next(r for r in hlo_collectives.costliest(costs, 50) if r["source"] == "jit(f)/add")
+    assert (add["instructions"], add["executions"], add["bytes"]) == (1, 10, 10 * 3 * ROW)
+    with pytest.raises(ValueError, match="key must be"):
+        hlo_collectives.costliest(costs, 1, "time")
+
+
+MATVEC_SCRIPT = """
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from m1jax import hlo_collectives
+from m1jax.topology import parse_topology, topology_devices
+s = NamedSharding(Mesh(topology_devices(parse_topology("v5p-8"))[:1], ("x",)), P())
+w, x = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=s) for shape in ((4096, 4096), (8, 4096)))
+compiled = jax.jit(lambda w, x: x @ w).lower(w, x).compile()
+hlo = compiled.as_text()
+print(json.dumps({"compiler": compiled.cost_analysis()["bytes accessed"], "counted": hlo_collectives.program_cost(hlo),
+                  "prefetched": " copy-start(" in hlo and "S(1)" in hlo}))
+"""
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(not libtpu_available(), reason="deviceless TPU compilation needs libtpu (m1jax.topology)")
+def test_tpu_cost_analysis_counts_a_prefetched_weight_several_times():
+    """A matrix-vector product compiled for one v5p chip: the compiler prefetches the 32 MiB weight into on-chip
+    memory (copy-start/copy-done into memory space S(1)) and its `cost_analysis()` counts ≈ 5× the weight's
+    bytes; read from HBM is the weight once, which is what `program_cost`'s "hbm bytes" counts."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, **deviceless_env("v5p-8"), "PYTHONPATH": str(repo), "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run([sys.executable, "-c", MATVEC_SCRIPT], env=env, cwd=repo, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    weight = 4096 * 4096 * 2
+    assert r["prefetched"] and r["compiler"] > 4 * weight
+    assert weight <= r["counted"]["hbm bytes"] < 1.02 * weight
+    assert r["counted"]["bytes accessed"] > 2 * weight  # every memory space: the on-chip copy too

@@ -36,7 +36,9 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h_BxLxD: jax.Array, *, ctx: dict, layer_cache=None, slope_H=None):
         """Returns (h, new layer cache, routing stats). `ctx` holds the per-call inputs shared by all layers
         (the MoE reads `expert_threshold_BxL` and its layer's slice of `routed_experts_BxLxNxK`, if present);
-        `slope_H`: a lightning layer's decay rates when not those of `layer_idx` (a scanned group's layer)."""
+        `slope_H`: a lightning layer's decay rates when not those of `layer_idx` (a scanned group's layer).
+        With `ctx["cache_group"]` (a scanned group's index g), a softmax layer's `layer_cache` is the K/V stacks
+        of every group `[G, B, S, K, D]`, read and written at group g in place (`SoftmaxAttention`)."""
         c = self.config
         x = rms_norm(h_BxLxD, self.input_layernorm[...], c.rms_norm_eps)
         if self.kind == LIGHTNING:
@@ -44,7 +46,8 @@ class DecoderLayer(nnx.Module):
         else:
             a, new_cache = self.self_attn(x, cos_BxLxR=ctx["cos"], sin_BxLxR=ctx["sin"], valid_BxL=ctx["valid_BxL"],
                                           kv_cache=layer_cache, cache_start=ctx.get("cache_start"),
-                                          cache_valid_BxS=ctx.get("cache_valid_BxS"))
+                                          cache_valid_BxS=ctx.get("cache_valid_BxS"),
+                                          cache_group=ctx.get("cache_group") if layer_cache is not None else None)
         h = (x if c.postnorm else h_BxLxD) * self.alpha + a * self.beta
         x = rms_norm(h, self.post_attention_layernorm[...], c.rms_norm_eps)
         replay = ctx.get("routed_experts_BxLxNxK")

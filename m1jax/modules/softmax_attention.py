@@ -69,16 +69,17 @@ def _heads_out(acc_BxKxGxLxD, den_BxKxGxL, dtype):
 
 def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, q_slot_L: jax.Array,
            kv_valid_BxS: jax.Array | None, num_slots: jax.Array | int | None = None,
-           causal_prefix: bool = False) -> jax.Array:
+           causal_prefix: bool = False, group: jax.Array | None = None) -> jax.Array:
     """softmax(q kᵀ/√D + mask) v over visible slots; returns `[B, L, H, D]` in q's dtype.
 
     `num_slots` (optional, may be traced) bounds the slots that can be visible, so a long cache is only read
     up to its filled part. `causal_prefix=True` declares that query i sits in slot i of these same keys (no
-    cache), so query chunks skip the keys after them.
+    cache), so query chunks skip the keys after them. `group`: k, v are stacks `[G, B, S, K, D]` and the keys
+    are those of group `group` (read in place, see `attend_stats`).
     """
     b, l, h, d = q_BxLxHxD.shape
-    s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-    if causal_prefix and s <= DIRECT_MAX_KEYS and l > QUERY_CHUNK:
+    s, kh = k_BxSxKxD.shape[-3], k_BxSxKxD.shape[-2]
+    if causal_prefix and s <= DIRECT_MAX_KEYS and l > QUERY_CHUNK and group is None:
         q = q_BxLxHxD.reshape(b, l, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]: batched GEMMs
         k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
         valid = jnp.ones((b, s), bool) if kv_valid_BxS is None else kv_valid_BxS
@@ -88,26 +89,32 @@ def attend(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, 
         out = jnp.concatenate(outs, axis=3)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
     _, den, acc = attend_stats(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_slot_L=q_slot_L, kv_valid_BxS=kv_valid_BxS,
-                               num_slots=num_slots)
+                               num_slots=num_slots, group=group)
     return _heads_out(acc, den, q_BxLxHxD.dtype)
 
 
 def attend_stats(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, q_slot_L: jax.Array,
                  kv_valid_BxS: jax.Array | None, num_slots: jax.Array | int | None = None,
-                 slot_base: jax.Array | int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 slot_base: jax.Array | int = 0, group: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Unnormalised softmax attention over these keys: (m, Σ exp(s − m), Σ exp(s − m)·v), `[B, K, G, L(, D)]` fp32.
 
     Key j sits in slot `slot_base + j` (a shard of a longer cache); `num_slots` bounds the keys read. Statistics
     of disjoint key sets combine exactly: m = max mᵢ, den = Σ denᵢ·e^{mᵢ−m}, acc = Σ accᵢ·e^{mᵢ−m}.
+    `group`: k, v are stacks `[G, B, S, K, D]` of which group `group` holds the keys; each key block is sliced
+    from the stacks directly, so the group's cache is never copied out.
     """
     b, l, h, d = q_BxLxHxD.shape
-    s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    s, kh = k_BxSxKxD.shape[-3], k_BxSxKxD.shape[-2]
     g = h // kh
     scale = d ** -0.5
     q = q_BxLxHxD.reshape(b, l, kh, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]: batched GEMMs
     if kv_valid_BxS is None:
         kv_valid_BxS = jnp.ones((b, s), bool)
 
+    if group is not None and s <= DIRECT_MAX_KEYS:  # a short cache: this group's, whole
+        k_BxSxKxD, v_BxSxKxD = (jax.lax.dynamic_index_in_dim(x, group, axis=0, keepdims=False)
+                                for x in (k_BxSxKxD, v_BxSxKxD))
     if s <= DIRECT_MAX_KEYS:
         return _dense_stats(q, k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3), q_slot_L,
                             kv_valid_BxS, slot_base + jnp.arange(s), scale)
@@ -119,12 +126,19 @@ def attend_stats(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Arra
     n_blocks_static = -(-s // kb)
     k, v = k_BxSxKxD, v_BxSxKxD
 
+    def block(x, start):  # [B, kb, K, D] from slot `start` (of group `group`)
+        if group is None:
+            return jax.lax.dynamic_slice_in_dim(x, start, kb, axis=1)
+        zero = jnp.zeros((), jnp.int32)
+        at = (jnp.asarray(group, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
+        return jax.lax.dynamic_slice(x, at, (1, x.shape[1], kb, *x.shape[3:]))[0]
+
     def body(i, carry):
         m, den, acc = carry
         first = i * kb
         start = jnp.minimum(first, s - kb)
-        kblk = jax.lax.dynamic_slice_in_dim(k, start, kb, axis=1).transpose(0, 2, 1, 3)
-        vblk = jax.lax.dynamic_slice_in_dim(v, start, kb, axis=1).transpose(0, 2, 1, 3)
+        kblk = block(k, start).transpose(0, 2, 1, 3)
+        vblk = block(v, start).transpose(0, 2, 1, 3)
         local = start + jnp.arange(kb)
         valid_blk = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, kb, axis=1) & (local >= first)[None, :]
         sc = jnp.einsum("bkgld,bksd->bkgls", q, kblk, preferred_element_type=jnp.float32) * scale
@@ -305,32 +319,52 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, *, cos_BxLxR: jax.Array, sin_BxLxR: jax.Array,
                  valid_BxL: jax.Array | None = None, kv_cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_start: jax.Array | None = None, cache_valid_BxS: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 cache_start: jax.Array | None = None, cache_valid_BxS: jax.Array | None = None,
+                 cache_group: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Returns (y `[B, L, D_model]`, updated (k, v) cache or None).
 
         Without `kv_cache`: causal attention among the L tokens (invalid tokens masked as keys).
         With `kv_cache` = (k, v) `[B, S, K, D]`: the new k, v are written at slots `cache_start..+L`, and the
         queries attend to every valid slot up to their own; `cache_valid_BxS` must already include the new slots.
+        With `cache_group` g, `kv_cache` holds the caches of every scanned layer group, `[G, B, S, K, D]`: this
+        layer's is group g's; the new k, v are written there in place and the keys read from there (the
+        updated stacks are returned), so no copy of the group's cache is made.
         """
+        if cache_group is not None and kv_cache is not None:
+            layer_shape = jax.ShapeDtypeStruct(kv_cache[0].shape[1:], kv_cache[0].dtype)
+            k_shape = jax.ShapeDtypeStruct((*x_BxLxD.shape[:2], *layer_shape.shape[2:]), layer_shape.dtype)
+            if _sequence_sharding(k_shape, layer_shape) is not None:  # the shard_map paths take one layer's cache
+                y, new = self(x_BxLxD, cos_BxLxR=cos_BxLxR, sin_BxLxR=sin_BxLxR, valid_BxL=valid_BxL,
+                              kv_cache=tuple(c[cache_group] for c in kv_cache), cache_start=cache_start,
+                              cache_valid_BxS=cache_valid_BxS)
+                return y, tuple(jax.lax.dynamic_update_index_in_dim(c, n, cache_group, axis=0)
+                                for c, n in zip(kv_cache, new, strict=True))
         dt = DTYPE[self.config.dtype]
         x_BxLxD = x_BxLxD.astype(dt)
         l = x_BxLxD.shape[1]
         q = apply_rope(linear(x_BxLxD, lora.weight(self, "q_proj").astype(dt)), cos_BxLxR, sin_BxLxR)
         k = apply_rope(linear(x_BxLxD, lora.weight(self, "k_proj").astype(dt)), cos_BxLxR, sin_BxLxR)
         v = linear(x_BxLxD, lora.weight(self, "v_proj").astype(dt))
-        sharded = _sequence_sharding(k, None if kv_cache is None else kv_cache[0])
+        one_cache = None if kv_cache is None else kv_cache[0] if cache_group is None else \
+            jax.ShapeDtypeStruct(kv_cache[0].shape[1:], kv_cache[0].dtype)  # (a group's: not sharded, see above)
+        sharded = _sequence_sharding(k, one_cache)
         if sharded is not None:
             out, new_cache = sharded(q, k, v, valid_BxL, kv_cache, cache_start, cache_valid_BxS)
         elif kv_cache is None:
             out = attend(q, k, v, q_slot_L=jnp.arange(l), kv_valid_BxS=valid_BxL, causal_prefix=True)
             new_cache = None
         else:
-            k_cache, v_cache = kv_cache
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_start, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_start, axis=1)
+            def write(cache, new):  # at slots cache_start.. (of group cache_group)
+                new = new.astype(cache.dtype)
+                if cache_group is None:
+                    return jax.lax.dynamic_update_slice_in_dim(cache, new, cache_start, axis=1)
+                zero = jnp.zeros((), jnp.int32)
+                return jax.lax.dynamic_update_slice(cache, new[None], (jnp.asarray(cache_group, jnp.int32), zero,
+                                                                       jnp.asarray(cache_start, jnp.int32), zero, zero))
+
+            k_cache, v_cache = write(kv_cache[0], k), write(kv_cache[1], v)
             out = attend(q, k_cache, v_cache, q_slot_L=cache_start + jnp.arange(l), kv_valid_BxS=cache_valid_BxS,
-                         num_slots=cache_start + l)
+                         num_slots=cache_start + l, group=cache_group)
             new_cache = (k_cache, v_cache)
         y = linear(out, lora.weight(self, "o_proj").astype(dt), contract=2)
         return y, new_cache
