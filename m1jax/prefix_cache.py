@@ -28,10 +28,13 @@ whole batch-1 state after the prefix [0, jC) to a `StateStore`, which writes it 
 cache trimmed to its written slots, atomic rename) on a background thread into `directory/<hex h_{j−1}>`, with a
 fingerprint of the model, tokenizer and prefill settings; each prompt keeps only its deepest checkpoint. A
 newcomer restores the deepest checkpoint of its key chain when it is deeper than its in-memory hit
-(`restore_blocks` of the saved slots: the same state, bit for bit). So a server killed during a long prefill
-resumes at the last checkpoint when the request comes again, and long prefixes stay cached across restarts
-(LRU within `max_bytes` on disk). Interrupted saves (temporary directories), unreadable checkpoints and
-checkpoints of another fingerprint are ignored with a log line (the first two deleted).
+(`restore_blocks` of the saved slots: the same state, bit for bit), and, when the memory tier can hold them, puts
+the restored blocks into it: their K/V as pass-through entries (a run may go through them but must end at an
+entry with states) and the last one complete, so later prompts with that prefix hit memory. So a server killed
+during a long prefill resumes at the last checkpoint when the request comes again, and long prefixes stay cached
+across restarts (LRU within `max_bytes` on disk). A waiting request's checkpoint is read ahead on a reader thread
+(`prefetch`), so the scheduler does not stall its decode on the disk. Interrupted saves (temporary directories),
+unreadable checkpoints and checkpoints of another fingerprint are ignored with a log line (the first two deleted).
 """
 
 from __future__ import annotations
@@ -74,11 +77,18 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class PrefixEntry:
     """One cached block: per layer the `(k, v)` `[W, K, D]` of the W slots the block's call wrote (softmax) or
-    the state `[H, D, D]` after it (lightning); those slots' validity `[W]`; the fp32 next-token logits `[V]`."""
+    the state `[H, D, D]` after it (lightning); those slots' validity `[W]`; the fp32 next-token logits `[V]`.
+    A pass-through entry (from a state restored from disk, which holds only its last block's states) has None
+    for the states and logits: a cached run can go through it but not end at it."""
 
     layers: tuple
     valid_W: jax.Array
-    logits_V: jax.Array
+    logits_V: jax.Array | None
+
+    @property
+    def complete(self) -> bool:
+        """Whether a cached run can end here (the states and logits after the block are held)."""
+        return self.logits_V is not None
 
 
 def block_keys(prompt: Sequence[int], block: int) -> list[bytes]:
@@ -116,20 +126,29 @@ class PrefixCache:
     def __contains__(self, key: bytes) -> bool:
         return key in self._entries
 
-    def depth(self, keys: Sequence[bytes]) -> int:
-        """How many of keys[0], keys[1], … are held consecutively (not touched, not counted)."""
-        n = 0
-        while n < len(keys) and keys[n] in self._entries:
-            n += 1
-        return n
+    def get(self, key: bytes) -> PrefixEntry | None:
+        """The entry held under `key` (not touched, not counted)."""
+        return self._entries.get(key)
 
-    def lookup(self, keys: Sequence[bytes]) -> list[PrefixEntry]:
-        """The entries of the longest cached run keys[0], keys[1], … (touched; counted as one lookup)."""
+    def depth(self, keys: Sequence[bytes]) -> int:
+        """The length of the run `lookup(keys)` would restore (not touched, not counted)."""
+        return len(self._run(keys))
+
+    def _run(self, keys: Sequence[bytes]) -> list[PrefixEntry]:
+        """The entries of the longest held run keys[0], keys[1], … that ends at a complete entry."""
         chain = []
         for k in keys:
             if (entry := self._entries.get(k)) is None:
                 break
             chain.append(entry)
+        while chain and not chain[-1].complete:
+            chain.pop()
+        return chain
+
+    def lookup(self, keys: Sequence[bytes]) -> list[PrefixEntry]:
+        """The entries of the longest cached run keys[0], keys[1], … that ends at a complete entry (touched;
+        counted as one lookup)."""
+        chain = self._run(keys)
         self._touch(keys[:len(chain)])
         self.lookups += 1
         self.hits += bool(chain)
@@ -152,18 +171,20 @@ class PrefixCache:
 
 
 # --------------------------------------------------------------------------------------- snapshot / restore
-@partial(jax.jit, static_argnums=(2,))
-def _slice_slots(cache: Cache, start, width: int) -> tuple:
-    """Row 0's slots [start, start + width): per layer `(k, v)` `[W, K, D]` or the lightning state; validity."""
+@partial(jax.jit, static_argnums=(2, 3))
+def _slice_slots(cache: Cache, start, width: int, states: bool = True) -> tuple:
+    """Row 0's slots [start, start + width): per layer `(k, v)` `[W, K, D]` or the lightning state (None without
+    `states`); validity."""
     layers = tuple(tuple(jax.lax.dynamic_slice_in_dim(x[0], start, width, axis=0) for x in layer)
-                   if isinstance(layer, tuple) else layer[0] for layer in cache.per_layer())
+                   if isinstance(layer, tuple) else layer[0] if states else None for layer in cache.per_layer())
     return layers, jax.lax.dynamic_slice_in_dim(cache.valid_BxS[0], start, width, axis=0)
 
 
-def snapshot_block(state: EngineState, start: int, width: int) -> PrefixEntry:
-    """The entry of a block whose call just wrote slots [start, start + width) of a batch-1 state."""
-    layers, valid_W = _slice_slots(state.cache, jnp.asarray(start, jnp.int32), width)
-    return PrefixEntry(layers=layers, valid_W=valid_W, logits_V=state.next_logits_BxV[0])
+def snapshot_block(state: EngineState, start: int, width: int, *, complete: bool = True) -> PrefixEntry:
+    """The entry of a block whose call wrote slots [start, start + width) of a batch-1 state; the call was the
+    state's last (`complete`: its lightning states and logits are the block's) or not (a pass-through entry)."""
+    layers, valid_W = _slice_slots(state.cache, jnp.asarray(start, jnp.int32), width, complete)
+    return PrefixEntry(layers=layers, valid_W=valid_W, logits_V=state.next_logits_BxV[0] if complete else None)
 
 
 @jax.jit
@@ -515,6 +536,7 @@ class RowPrefill:
             self._slots = int(to_host(self._state.cache.length))
             if store is not None:
                 store.lookup(())  # counted as a lookup that the memory tier did not serve
+                self._remember(depth)
             return
         self.disk_tokens = 0
         entries = store.lookup(self.keys) if store is not None else []
@@ -528,6 +550,19 @@ class RowPrefill:
                                       positions_B=jnp.zeros((1,), jnp.int32),
                                       next_logits_BxV=jnp.zeros((1, engine.config.vocab_size), jnp.float32))
             self._slots = 0
+
+    def _remember(self, depth: int) -> None:
+        """Put the `depth` blocks restored from disk into the memory tier: pass-through entries (the blocks'
+        K/V) and a complete last one, so later prompts with this prefix hit memory and the blocks after it chain
+        on. Skipped when the memory tier cannot hold them all."""
+        if depth * self.block > self.store.capacity_tokens:
+            return
+        width = self._slots // depth  # every full block's call writes the same slots
+        for j in range(depth):
+            last = j == depth - 1
+            held = self.store.get(self.keys[j])
+            if held is None or (last and not held.complete):
+                self.store.insert(self.keys[:j + 1], snapshot_block(self._state, j * width, width, complete=last))
 
     @property
     def done(self) -> bool:

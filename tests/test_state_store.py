@@ -98,6 +98,14 @@ def test_memory_and_disk_tiers_combine(engine, fp, tmp_path):
     prompt = doc + tokens(5, 3)
     deeper_on_disk = run(engine, prompt, store=memory, disk=disk, every=4 * BLOCK)
     assert deeper_on_disk[1] == 4 * BLOCK and disk.restores == 1 and memory.lookups == 2 and memory.hits == 0
+    # the restored blocks went into memory (block 2 as a pass-through entry), and the prompt's blocks 4-5 after them
+    assert [memory.get(k).complete for k in block_keys(doc, BLOCK)] == [True, True, False, True, True, True]
+    again = run(engine, prompt, store=memory, disk=disk, every=4 * BLOCK)
+    assert again[1] == 6 * BLOCK and disk.restores == 1 and memory.hits == 1
+    through = doc[:3 * BLOCK + 2] + tokens(14, 4)  # its run ends at the pass-through block 2: blocks 0-1 restored
+    assert run(engine, through, store=memory)[1] == 2 * BLOCK
+    assert_same(run(engine, through, store=memory), run(engine, through))
+    assert_same(again, deeper_on_disk)
     full_memory = PrefixCache(BLOCK, 1 << 20)
     run(engine, doc, store=full_memory)  # memory: blocks 0-5, deeper than the disk's
     deeper_in_memory = run(engine, prompt, store=full_memory, disk=disk, every=4 * BLOCK)
