@@ -387,3 +387,24 @@ def test_a_checkpoint_is_read_ahead_while_other_requests_decode(engine, tmp_path
     [ref] = Scheduler(engine, **POOL, prefix_cache_tokens=1).run([request(doc)])
     assert_outputs_equal(out, ref)
     sched.shutdown()
+
+
+@pytest.mark.slow  # a scanned model's compiles (~20 s)
+def test_a_scanned_model_resumes_bit_exact(tmp_path):
+    """Layers as a scan (the cache stacked per layer group): checkpoints restore the same state."""
+    from flax import nnx
+
+    from m1jax.config import ModelConfig
+    from m1jax.model import MiniMaxM1
+
+    types = ("linear_attention", "full_attention") * 2
+    config = ModelConfig.from_preset("tiny-hf").replace(num_hidden_layers=4, layer_types=types, block_size=8,
+                                                        hf_source_json="{}", scan_layers=True)
+    scanned = Engine(MiniMaxM1(config, rngs=nnx.Rngs(0)), prefill_chunk=BLOCK)
+    assert scanned.config.scan_groups == 2
+    prompt = tokens(15, 3 * BLOCK + 2)
+    fp = store_fingerprint(scanned, BLOCK, CAPACITY)
+    run(scanned, prompt[:2 * BLOCK], disk=store(tmp_path, fp))
+    resumed = run(scanned, prompt, disk=store(tmp_path, fp))
+    assert resumed[1] == 2 * BLOCK
+    assert_same(resumed, run(scanned, prompt))
