@@ -129,3 +129,19 @@ def test_routing_stats_add_up_and_skip_padding():
         layer(x[:1])[1]["tokens_per_expert"])
     y_dense, _ = layer(x, valid_BxL=valid, impl="dense")
     np.testing.assert_allclose(y, y_dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense", "gather", "switch", "ragged", "tiled"])
+def test_padding_runs_no_expert(impl):
+    """Padding tokens (and finished decode rows) are left out of the expert computation: their output is 0, the
+    valid tokens' outputs equal those of the unpadded input, and the routing record still holds their choices."""
+    c = ModelConfig.from_preset("tiny")
+    layer = moe.MoE(c, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, c.hidden_size))
+    valid = jnp.arange(6)[None, :] >= jnp.array([[0], [4]])  # second row: 4 padding tokens
+    y, stats = layer(x, valid_BxL=valid, impl=impl)
+    np.testing.assert_array_equal(np.asarray(y[1, :4]), 0.0)
+    np.testing.assert_allclose(y[1, 4:], layer(x[1:, 4:], impl=impl)[0][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y[0], layer(x[:1], impl=impl)[0][0], rtol=1e-5, atol=1e-6)
+    _, unmasked = layer(x, impl=impl)
+    np.testing.assert_array_equal(stats["routed_experts"], unmasked["routed_experts"])

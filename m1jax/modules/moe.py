@@ -470,6 +470,10 @@ class MoE(nnx.Module):
         stats = routing_stats(probs_TxE, experts_TxK, None if valid_BxL is None else valid_BxL.reshape(-1),
                               flops_per_assignment=expert_flops_per_assignment(c))
         stats["routed_experts"] = stats["routed_experts"].reshape(b, l, k)
+        if valid_BxL is not None:  # padding (and finished decode rows) run no expert: its output is never read
+            valid_Tx1 = valid_BxL.reshape(-1, 1)
+            experts_TxK = jnp.where(valid_Tx1, experts_TxK, c.num_local_experts)
+            weights_TxK = jnp.where(valid_Tx1, weights_TxK, 0.0)
         impl = impl or c.moe_impl
         mesh = current_mesh()
         w_shape = (c.num_local_experts, d, c.intermediate_size)
