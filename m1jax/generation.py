@@ -290,6 +290,17 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def decode_expert_layout(config: ModelConfig, batch: int, platform: str) -> str | None:
+    """How the decode loop of `batch` rows holds the expert weights (`moe.unstack_experts(over=...)`):
+    "experts" on CPU when the batch's k·batch assignments make the MoE branch per expert (`experts_switch`,
+    see `choose_impl`); "groups" on TPU/GPU for a scanned model, whose grouped GEMMs then read each group's
+    weights in place instead of a copy of the scan's slice; None: as stored."""
+    if platform == "cpu":
+        n = batch * config.num_experts_per_tok
+        return "experts" if choose_impl(config.moe_impl, n, config.num_local_experts, platform) == "switch" else None
+    return "groups" if config.scan_groups else None
+
+
 def available_memory_bytes() -> int:
     """Physical memory the OS reports available now (`MemAvailable`; free pages where /proc is absent)."""
     try:
@@ -419,21 +430,21 @@ class Engine:
 
     # ------------------------------------------------------------------- decode
     def _decode_params(self, batch: int):
-        """The parameters the decode loop reads: on CPU, when `batch`·k assignments make the MoE branch per
-        expert (`experts_switch`, see `choose_impl`), a per-expert copy of the expert weights made once per
-        engine (`unstack_experts`: no slice copies per step, at the price of the expert weights' memory once
-        more) — unless that copy would take more than a quarter of the memory available now. Not with several
-        processes: each host's free memory would decide for it, and every process must run the same programs."""
+        """The parameters the decode loop reads: with `unstack_experts`, the expert weights in the layout of
+        `decode_expert_layout`, copied once per engine (at the price of the expert weights' memory once more):
+        on CPU per expert — unless that copy would take more than a quarter of the memory available now, and
+        not with several processes (each host's free memory would decide for it, and every process must run
+        the same programs); on TPU/GPU per layer group of a scanned model."""
         c = self.config
-        if (not self.unstack_experts or jax.default_backend() != "cpu" or jax.process_count() > 1
-                or choose_impl(c.moe_impl, batch * c.num_experts_per_tok, c.num_local_experts) != "switch"):
+        layout = decode_expert_layout(c, batch, jax.default_backend())
+        if not self.unstack_experts or layout is None or (layout == "experts" and jax.process_count() > 1):
             return self.params
-        if self._unstacked is None:
-            if expert_weight_bytes(self.params) > available_memory_bytes() / 4:
+        if self._unstacked is None or self._unstacked[0] != layout:
+            if layout == "experts" and expert_weight_bytes(self.params) > available_memory_bytes() / 4:
                 self.unstack_experts = False
                 return self.params
-            self._unstacked = unstack_experts(self.params)
-        return self._unstacked
+            self._unstacked = (layout, unstack_experts(self.params, over=layout))
+        return self._unstacked[1]
 
     def eos_ids(self) -> tuple[int, ...]:
         """Default stop tokens: the config's eos ids and the tokenizer's eos."""

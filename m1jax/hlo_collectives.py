@@ -9,7 +9,7 @@ at their `-done` half. `Collective.count` is how often an instruction runs per e
 product of the trip counts of the while loops around it, where a loop's condition compares its counter with a
 constant (`lax.scan` / `fori_loop` with static bounds, e.g. scanned layers); a loop with a data-dependent
 condition (the decode loop, a loop over the filled part of a cache) counts once, so figures are per iteration
-of such a loop.
+of such a loop; of a conditional's branches only the costliest runs (e.g. one layer group's MoE).
 """
 
 from __future__ import annotations
@@ -110,42 +110,21 @@ def _trip_count(while_line: str, cond_lines: list[str], lines: dict[str, list[st
     return None
 
 
-def _multipliers(hlo_text: str) -> dict[str, int]:
-    """How often each computation runs per execution of the entry computation."""
-    comps = _computations(hlo_text)
-    lines = dict(comps)
-    mult: dict[str, int] = {}
-    if comps:
-        mult[comps[-1][0]] = 1  # ENTRY comes last
-    for name, body in reversed(comps):
-        here = mult.get(name, 0)
-        if here == 0:
-            continue
-        for line in body:
-            callees = [(m["key"], m["name"]) for m in _CALLEE.finditer(line)]
-            trips = 1
-            for key, callee in callees:
-                if key == "condition" and callee in lines:
-                    trips = _trip_count(line, lines[callee], lines) or 1
-            for key, callee in callees:
-                mult[callee] = mult.get(callee, 0) + here * (trips if key in ("body", "condition") else 1)
-            for m in _BRANCHES.finditer(line):
-                for callee in (n.strip().lstrip("%") for n in m["names"].split(",")):
-                    mult[callee] = mult.get(callee, 0) + here
-    return mult
-
-
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective instruction of the HLO module text (asynchronous ones once, by their `-done`), with
-    its execution count per run of the program."""
-    mult = _multipliers(hlo_text)
+    its execution count per run of the program (`instruction_costs`: static loops × their trip counts; of a
+    conditional's branches only the one `instruction_costs` counts, so alternatives are not added up)."""
+    comps = _computations(hlo_text)
+    counts = {(c.computation, c.name): c.count for c in _CostModel(hlo_text).walk()} if comps else {}
     out = []
-    for name, body in _computations(hlo_text) or [("", hlo_text.splitlines())]:
+    for name, body in comps or [("", hlo_text.splitlines())]:
         for line in body:
             m = _INSTR.match(line)
             if m is None or m["phase"] == "-start":
                 continue
-            out.append(Collective(m["name"], m["op"], _arrays(m["shape"]), max(mult.get(name, 1), 1)))
+            count = counts.get((name, m["name"]), 0) if comps else 1
+            if count:
+                out.append(Collective(m["name"], m["op"], _arrays(m["shape"]), count))
     return out
 
 

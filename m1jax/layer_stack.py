@@ -128,6 +128,12 @@ def remat(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------- forward
+def _per_group(path, value) -> bool:
+    from m1jax.modules.moe import PerGroup
+
+    return isinstance(value.get_value() if isinstance(value, nnx.Variable) else value, PerGroup)
+
+
 def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tuple | None, config: ModelConfig,
                 hidden_axes: tuple, collect_hidden: bool = False):
     """h after all G groups, with per position p: the new cache entries, routing stats and (if
@@ -136,21 +142,22 @@ def scan_layers(stacked: nnx.List, h_BxLxD: jax.Array, *, ctx: dict, caches: tup
 
     `caches`: per position, that position's cache entries stacked over groups (`Cache.layers` of a scanned
     model), or None. They are the scan's carry, updated in place: group g's softmax layers write their new
-    K/V into the stacks at [g, :, slots] and read their keys from there (`ctx["cache_group"]`), a lightning
+    K/V into the stacks at [g, :, slots] and read their keys from there (`ctx["group"]`), a lightning
     layer's new state replaces slice g of its stack; so no group's cache is copied out of the stacks or back.
     Without caches the new entries (the lightning layers' final states) are the scan's stacked outputs.
     """
-    graphdefs, states = zip(*(nnx.split(layer) for layer in stacked), strict=True)
+    # expert weights held per group (`moe.PerGroup`) stay out of the scanned inputs: the MoE selects group g's
+    graphdefs, held, states = zip(*(nnx.split(layer, _per_group, ...) for layer in stacked), strict=True)
     slopes = group_slopes(config)
     softmax = tuple(kind != LIGHTNING for kind in config.layer_types[:config.layer_period])
 
     def group(carry, xs):
         h, caches = carry
         layer_states, layer_slopes_, g = xs
-        group_ctx = {**ctx, "layer_offset": g * config.layer_period, "cache_group": g}  # layer i = g·P + p
+        group_ctx = {**ctx, "layer_offset": g * config.layer_period, "group": g}  # layer i = g·P + p
         new_caches, stats, hidden = [], [], []
         for p, graphdef in enumerate(graphdefs):
-            layer = nnx.merge(graphdef, layer_states[p])
+            layer = nnx.merge(graphdef, held[p], layer_states[p])
             if caches is None:
                 layer_cache = None
             else:  # softmax: the whole stacks (updated in place); lightning: group g's state

@@ -380,6 +380,20 @@ def _abstract(shape, dtype, axes, mesh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(axes, shape, mesh))
 
 
+def _take_abstract(x, index):
+    """`x[index]` of an abstract sharded array (integer and whole-axis `slice(None)` indices), its sharding
+    keeping the remaining axes' mesh axes."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    index = index if isinstance(index, tuple) else (index,)
+    keep = [i for i in range(len(x.shape)) if i >= len(index) or not isinstance(index[i], int)]
+    spec = tuple(x.sharding.spec) + (None,) * (len(x.shape) - len(x.sharding.spec))
+    return jax.ShapeDtypeStruct(tuple(x.shape[i] for i in keep), x.dtype,
+                                sharding=NamedSharding(x.sharding.mesh, P(*(spec[i] for i in keep))))
+
+
 def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | None = None, micro_batches: int = 1,
                logprob_chunk: int | None = None):
     """The jitted step of `mode` lowered for `mesh` with abstract, sharded arguments (nothing allocated)."""
@@ -389,13 +403,17 @@ def lower_step(config, mode: str, batch: int, context: int, mesh, chunk: int | N
     from m1jax import generation
     from m1jax.cache import abstract_cache
     from m1jax.loading import abstract_sharded_model
+    from m1jax.modules.moe import unstack_experts
     from m1jax.sampling import SamplingParams
 
     if mode == "train":
         return lower_update_step(config, batch, context, mesh, micro_batches, logprob_chunk)
     graphdef, params = abstract_sharded_model(config, mesh)
     i32 = jnp.int32
-    if mode == "decode":
+    if mode == "decode":  # the expert weights as the engine's decode loop holds them (`Engine._decode_params`)
+        layout = generation.decode_expert_layout(config, batch, jax.default_backend())
+        if layout is not None:
+            params = unstack_experts(params, over=layout, take=_take_abstract)
         state = generation.EngineState(
             cache=abstract_cache(config, batch, context, mesh=mesh),
             positions_B=_abstract((batch,), i32, ("batch",), mesh),
@@ -578,12 +596,19 @@ def plan(req: PlanRequest) -> dict:
     if result is not None and result["compiled"]:
         coll = result["collectives"]
         cost = result["step_cost"]
+        # the engine decodes a scanned model with its expert weights per layer group (`Engine._decode_params`),
+        # a copy it holds besides the stacked weights its prefill reads
+        from m1jax.generation import decode_expert_layout
+
+        layout = None if req.mode != "decode" else decode_expert_layout(config, req.batch, topo.chip.platform)
+        copy = est.experts if layout == "groups" else 0
         flops, hbm_bytes = cost["flops"], cost["hbm_bytes"]
         out.update({
             "compiled": True, "compile_s": result["compile_s"],
             "temp_gb_per_chip": result["temp_bytes"] / GB, "code_gb": result["code_bytes"] / GB,
             "argument_gb_per_chip": result["argument_bytes"] / GB,
-            "peak_gb_per_chip": result["peak_bytes"] / GB, "fits": result["peak_bytes"] <= hbm,
+            "peak_gb_per_chip": (result["peak_bytes"] + copy) / GB, "fits": result["peak_bytes"] + copy <= hbm,
+            "decode_expert_copy_gb_per_chip": copy / GB if copy else None,
             "flops_per_chip": flops, "bytes_accessed_per_chip": hbm_bytes,
             "bytes_accessed_all_memories_per_chip": cost["bytes_accessed"],
             "burst_setup_hbm_bytes_per_chip": cost["burst_setup_hbm_bytes"] if req.mode == "decode" else None,
@@ -649,8 +674,10 @@ def format_plan(p: dict) -> str:
                   f"remat                   {p['remat']} · {p['micro_batches']} micro-batch(es)"]
     if p["compiled"]:
         lines += [f"temporaries per chip    {gb(p['temp_gb_per_chip'])}", f"program code            {gb(p['code_gb'])}"]
+    copy = p.get("decode_expert_copy_gb_per_chip")
     lines.append(f"peak per chip           {gb(p['peak_gb_per_chip'])} of {p['hbm_gb']:.0f} GB: "
-                 f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
+                 f"{'fits' if p['fits'] else 'DOES NOT FIT'}" + (f" (with the engine's per-group copy of the expert "
+                                                                  f"weights for decode, {gb(copy)})" if copy else ""))
     if p["compiled"]:
         kinds = ", ".join(f"{k} {v / GB:.3f}" for k, v in p["collective_bytes_by_kind"].items() if v)
         lines.append(f"collectives per step    {p['collective_bytes_per_step'] / GB:.3f} GB ({kinds or 'none'})")

@@ -189,3 +189,21 @@ def test_tpu_cost_analysis_counts_a_prefetched_weight_several_times():
     assert r["prefetched"] and r["compiler"] > 4 * weight
     assert weight <= r["counted"]["hbm bytes"] < 1.02 * weight
     assert r["counted"]["bytes accessed"] > 2 * weight  # every memory space: the on-chip copy too
+
+
+def test_collectives_of_alternative_branches_count_once():
+    """An all-reduce in each branch of a `lax.switch` (one runs per call) counts once, not once per branch."""
+    from jax.sharding import PartitionSpec as P
+
+    from m1jax.sharding import make_mesh
+
+    mesh = make_mesh({"tensor": 8})
+
+    def f(i, x):
+        branches = [lambda x, s=s: jax.lax.psum(x * s, "tensor") for s in (1.0, 2.0, 3.0)]
+        return jax.shard_map(lambda i, x: jax.lax.switch(i, branches, x), mesh=mesh, in_specs=(P(), P("tensor")),
+                             out_specs=P())(i, x)
+
+    hlo = jax.jit(f).lower(jnp.int32(0), jnp.ones((8, 64))).compile().as_text()
+    reduces = [c for c in hlo_collectives.collectives(hlo) if c.kind == "all-reduce"]
+    assert len(reduces) == 1 and hlo_collectives.bytes_by_kind(hlo)["all-reduce"] == 64 * 4

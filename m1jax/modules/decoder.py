@@ -37,8 +37,9 @@ class DecoderLayer(nnx.Module):
         """Returns (h, new layer cache, routing stats). `ctx` holds the per-call inputs shared by all layers
         (the MoE reads `expert_threshold_BxL` and its layer's slice of `routed_experts_BxLxNxK`, if present);
         `slope_H`: a lightning layer's decay rates when not those of `layer_idx` (a scanned group's layer).
-        With `ctx["cache_group"]` (a scanned group's index g), a softmax layer's `layer_cache` is the K/V stacks
-        of every group `[G, B, S, K, D]`, read and written at group g in place (`SoftmaxAttention`)."""
+        With `ctx["group"]` (a scanned group's index g), a softmax layer's `layer_cache` is the K/V stacks of
+        every group `[G, B, S, K, D]`, read and written at group g in place (`SoftmaxAttention`), and expert
+        weights held per group (`moe.PerGroup`) are group g's."""
         c = self.config
         x = rms_norm(h_BxLxD, self.input_layernorm[...], c.rms_norm_eps)
         if self.kind == LIGHTNING:
@@ -47,7 +48,7 @@ class DecoderLayer(nnx.Module):
             a, new_cache = self.self_attn(x, cos_BxLxR=ctx["cos"], sin_BxLxR=ctx["sin"], valid_BxL=ctx["valid_BxL"],
                                           kv_cache=layer_cache, cache_start=ctx.get("cache_start"),
                                           cache_valid_BxS=ctx.get("cache_valid_BxS"),
-                                          cache_group=ctx.get("cache_group") if layer_cache is not None else None)
+                                          cache_group=ctx.get("group") if layer_cache is not None else None)
         h = (x if c.postnorm else h_BxLxD) * self.alpha + a * self.beta
         x = rms_norm(h, self.post_attention_layernorm[...], c.rms_norm_eps)
         replay = ctx.get("routed_experts_BxLxNxK")
@@ -55,6 +56,7 @@ class DecoderLayer(nnx.Module):
             replay = jax.lax.dynamic_index_in_dim(replay, ctx.get("layer_offset", 0) + self.layer_idx, axis=2,
                                                   keepdims=False)
         m, stats = self.block_sparse_moe(x, valid_BxL=ctx["valid_BxL"], impl=ctx.get("moe_impl"),
-                                         threshold_BxL=ctx.get("expert_threshold_BxL"), experts_BxLxK=replay)
+                                         threshold_BxL=ctx.get("expert_threshold_BxL"), experts_BxLxK=replay,
+                                         group=ctx.get("group"))
         h = (x if c.postnorm else h) * c.mlp_alpha + m * c.mlp_beta
         return h, new_cache, stats

@@ -22,10 +22,14 @@ ragged-dot kernel, no bf16 copy of an expert stack) and rescales each product's 
 
 Under a mesh whose expert or tensor axis is > 1, `expert_parallel` runs the chosen implementation per shard
 on that shard's experts (`moe_parallel="off"` leaves the whole computation to GSPMD instead).
+
+A scanned model's expert weights may be held per layer group (`PerGroup`, `unstack_experts(over="groups")`):
+group g's MoE then runs in branch g of a `lax.switch`, reading that group's arrays where they lie.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -451,13 +455,15 @@ class MoE(nnx.Module):
             lora.declare(self, name, shape, axes, config, rngs)
 
     def __call__(self, x_BxLxD: jax.Array, *, valid_BxL: jax.Array | None = None, impl: str | None = None,
-                 threshold_BxL: jax.Array | None = None, experts_BxLxK: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 threshold_BxL: jax.Array | None = None, experts_BxLxK: jax.Array | None = None,
+                 group: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (y `[B, L, D]` in the compute dtype, routing statistics over valid tokens: `routing_stats`).
 
         `threshold_BxL`: the expert threshold of each token (see `route`; None = exact top-k);
         `experts_BxLxK`: routing replay, the expert ids to use instead of the router's top-k (`NO_EXPERT` for
         a dropped choice). Dropped choices cost no expert FLOPs in the sorted and expert-parallel paths.
+        `group`: a scanned layer group's index, which selects the expert weights when they are held per group
+        (`PerGroup`, `unstack_experts(..., over="groups")`).
         """
         c = self.config
         dt = DTYPE[c.dtype]
@@ -481,39 +487,74 @@ class MoE(nnx.Module):
         name = None if parallel else choose_impl(impl, experts_TxK.size, c.num_local_experts)
         keep = name == "switch"
         quantized = c.quantize is not None
-        if lora.has_adapters(self, "w1"):  # W + (α/r)·A B per expert (int8 experts dequantized first)
-            keep = False
-            stored = [_compute_weight(getattr(self, w).get_value(), None, keep_tuple=False) for w in EXPERT_WEIGHTS]
-            if quantized:
-                stored = [dequantize_int8(x, _compute_weight(getattr(self, s).get_value(), None, keep_tuple=False), dt)
-                          for x, s in zip(stored, EXPERT_SCALES)]
-            ws = [lora.weight(self, w, x).astype(dt) for w, x in zip(EXPERT_WEIGHTS, stored)]
-            scales = None
-        else:
-            ws = [_compute_weight(getattr(self, w).get_value(), None if quantized else dt, keep_tuple=keep)
-                  for w in EXPERT_WEIGHTS]
-            scales = tuple(_compute_weight(getattr(self, s).get_value(), None, keep_tuple=keep)
-                           for s in EXPERT_SCALES) if quantized else None
-        if parallel:
-            y_BxLxD = expert_parallel(x_TxD.reshape(b, l, d), *ws, weights_TxK.astype(dt).reshape(b, l, k),
-                                      experts_TxK.reshape(b, l, k), scales=scales, impl=impl, mesh=mesh)
-            return y_BxLxD.astype(dt), stats
-        y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK, scales=scales)
-        return y_TxD.astype(dt).reshape(b, l, d), stats
+        names = EXPERT_WEIGHTS + (EXPERT_SCALES if quantized else ())
+        held = [getattr(self, n).get_value() for n in names]
+
+        def experts(held):  # y [B, L, D] from the expert weights (and scales) as `held`
+            if lora.has_adapters(self, "w1"):  # W + (α/r)·A B per expert (int8 experts dequantized first)
+                stored = [_compute_weight(x, None, keep_tuple=False) for x in held[:3]]
+                if quantized:
+                    stored = [dequantize_int8(x, _compute_weight(s, None, keep_tuple=False), dt)
+                              for x, s in zip(stored, held[3:])]
+                ws = [lora.weight(self, w, x).astype(dt) for w, x in zip(EXPERT_WEIGHTS, stored)]
+                scales = None
+            else:
+                ws = [_compute_weight(x, None if quantized else dt, keep_tuple=keep) for x in held[:3]]
+                scales = tuple(_compute_weight(x, None, keep_tuple=keep) for x in held[3:]) if quantized else None
+            if parallel:
+                return expert_parallel(x_TxD.reshape(b, l, d), *ws, weights_TxK.astype(dt).reshape(b, l, k),
+                                       experts_TxK.reshape(b, l, k), scales=scales, impl=impl, mesh=mesh).astype(dt)
+            y_TxD = EXPERT_IMPLS[name](x_TxD, *ws, weights_TxK.astype(dt), experts_TxK, scales=scales)
+            return y_TxD.astype(dt).reshape(b, l, d)
+
+        if not isinstance(held[0], PerGroup):
+            return experts(held), stats
+        if group is None:
+            raise ValueError("MoE: expert weights held per layer group (PerGroup) need the scanned group index")
+        # one branch per group, each reading its group's arrays where they lie (no slice of a stack is copied)
+        branches = [functools.partial(experts, [x.arrays[i] for x in held]) for i in range(len(held[0].arrays))]
+        return jax.lax.switch(group, branches), stats
 
 
-def unstack_experts(params: nnx.State) -> nnx.State:
-    """`params` (from `nnx.split(model)`) with every MoE expert weight `[E, …]` held as a tuple of E arrays.
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class PerGroup:
+    """A scanned model's expert weight (or scale) held as one array per layer group: `arrays[g]` is group g's
+    `[E, …]` (`unstack_experts(params, over="groups")`). The scan does not slice it; the MoE of group g selects
+    `arrays[g]` with `lax.switch`, so the grouped GEMM reads it where it lies."""
 
-    For decoding on CPU: XLA:CPU copies a slice of a stacked array before multiplying it (`experts_switch`
-    then writes and re-reads each chosen expert, ≈ 0.15 ms per 2 MB matrix here), but reads a tuple element
-    where it lies. The tuple is a second copy of the expert weights in memory.
+    arrays: tuple
+
+    def tree_flatten(self):
+        return self.arrays, None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(tuple(children))
+
+
+def unstack_experts(params: nnx.State, over: str = "experts", take=None) -> nnx.State:
+    """`params` (from `nnx.split(model)`) with every MoE expert weight (and int8 scale) split into its pieces:
+    `over="experts"`: `[E, …]` → a tuple of E arrays; `over="groups"` (a scanned model's stacked `[G, E, …]`;
+    others unchanged) → `PerGroup` of G arrays `[E, …]`. `take(x, index)` makes a piece (default `x[index]`;
+    e.g. abstract arrays with their sharding). Both are a second copy of the expert weights in memory.
+
+    "experts" is for decoding on CPU: XLA:CPU copies a slice of a stacked array before multiplying it
+    (`experts_switch` then writes and re-reads each chosen expert, ≈ 0.15 ms per 2 MB matrix here), but reads
+    a tuple element where it lies. "groups" is for a scanned model's decode on TPU/GPU: the grouped-GEMM kernel
+    takes its weights as a whole buffer, so the scan's slice of a stacked weight would be copied every step.
     """
     from m1jax.layer_stack import is_stacked
 
-    def split(path, v):  # the expert axis follows a scanned model's group axis
-        axis = int(is_stacked(path))
-        return tuple(v[(slice(None),) * axis + (e,)] for e in range(v.shape[axis]))
+    if over not in ("experts", "groups"):
+        raise ValueError(f"unstack_experts: over must be 'experts' or 'groups', got {over!r}")
+    take = take or (lambda x, index: x[index])
+
+    def split(path, v):
+        if over == "groups":
+            return PerGroup(tuple(take(v, g) for g in range(v.shape[0]))) if is_stacked(path) else v
+        axis = int(is_stacked(path))  # the expert axis follows a scanned model's group axis
+        return tuple(take(v, (slice(None),) * axis + (e,)) for e in range(v.shape[axis]))
 
     return jax.tree_util.tree_map_with_path(lambda path, v: split(path, v) if _is_expert_weight(path) else v, params)
 
