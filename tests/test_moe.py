@@ -145,3 +145,10 @@ def test_padding_runs_no_expert(impl):
     np.testing.assert_allclose(y[0], layer(x[:1], impl=impl)[0][0], rtol=1e-5, atol=1e-6)
     _, unmasked = layer(x, impl=impl)
     np.testing.assert_array_equal(stats["routed_experts"], unmasked["routed_experts"])
+
+
+def test_tile_size_is_the_least_power_of_two_covering_a_mean_group():
+    assert moe.tile_size(512, 8) == 64  # a 256-token prefill chunk of bench-small: one tile per mean group
+    assert moe.tile_size(520, 8) == 128
+    assert moe.tile_size(4096, 8) == moe.TILE_ROWS
+    assert moe.tile_size(16, 8) == 8

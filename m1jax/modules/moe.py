@@ -204,9 +204,9 @@ def experts_ragged(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK
 
 
 def tile_size(num_assignments: int, num_experts: int, tile_rows: int = TILE_ROWS) -> int:
-    """Rows G per tile of `experts_tiled`: the power of two above A/E, clamped to [8, `tile_rows`]; the tiles it
+    """Rows G per tile of `experts_tiled`: the least power of two ≥ A/E, clamped to [8, `tile_rows`]; the tiles it
     computes are Σ_e ⌈g_e / G⌉ over the group sizes g_e of the kept assignments."""
-    return max(8, min(tile_rows, 1 << max(num_assignments // num_experts, 1).bit_length()))
+    return max(8, min(tile_rows, 1 << (max(num_assignments // num_experts, 1) - 1).bit_length()))
 
 
 def experts_tiled(x_TxD, w1_ExDxF, w3_ExDxF, w2_ExFxD, weights_TxK, experts_TxK, *, scales=None,
