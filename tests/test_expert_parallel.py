@@ -1,17 +1,12 @@
 """Expert parallelism: the MoE in shard_map over 8 CPU devices equals the single-device MoE (values, gradients,
 routing statistics, a whole model), and its compiled HLO never all-gathers an expert weight."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tpu_helpers import run_deviceless
 
 from m1jax import hlo_collectives
 from m1jax.config import ModelConfig
@@ -19,7 +14,7 @@ from m1jax.loading import build_from_views
 from m1jax.model import MiniMaxM1
 from m1jax.modules import moe
 from m1jax.sharding import make_mesh, named_sharding
-from m1jax.topology import deviceless_env, libtpu_available
+from m1jax.topology import libtpu_available
 
 E, D, F, K = 8, 16, 24, 2
 # mesh, then (batch, length) of tokens: prefill-sized (batch, or batch and sequence, split over every token axis:
@@ -164,13 +159,7 @@ print(json.dumps(compile_layer(topology_devices("v5p-16"), {"expert": 8}, 8, 256
 def test_real_m1_moe_layer_compiles_for_v5p_with_ragged_all_to_all():
     """One real-size M1 MoE layer (bf16) compiled for 8 v5p chips, experts split 8 ways: the HLO exchanges tokens
     with ragged all-to-alls and gathers no expert weight; each chip holds only its 4 of the 32 experts."""
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, **deviceless_env("v5p-8"), "PYTHONPATH": str(repo), "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    env.pop("XLA_FLAGS", None)
-    run = subprocess.run([sys.executable, "-c", TPU_SCRIPT], env=env, cwd=repo, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    r = run_deviceless(TPU_SCRIPT)
     assert r["ragged_all_to_all"] >= 2
     assert r["expert_weight_gather_bytes"] == 0
     config = ModelConfig.from_preset("minimax-m1-80k")

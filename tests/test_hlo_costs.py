@@ -2,21 +2,16 @@
 hand-written module, and on a compiled scanned model that loop bodies count times their trip counts (XLA's
 `cost_analysis()` counts them once)."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from tpu_helpers import run_deviceless
 
 from m1jax import hlo_collectives
 from m1jax.config import ModelConfig
 from m1jax.model import MiniMaxM1
-from m1jax.topology import deviceless_env, libtpu_available
+from m1jax.topology import libtpu_available
 
 STATE = "(s32[], f32[10,256], f32[1,256])"
 KERNEL = '{"cost_estimate":{"flops":"5000","transcendentals":"0","bytes_accessed":"777"}}'
@@ -178,13 +173,7 @@ def test_tpu_cost_analysis_counts_a_prefetched_weight_several_times():
     """A matrix-vector product compiled for one v5p chip: the compiler prefetches the 32 MiB weight into on-chip
     memory (copy-start/copy-done into memory space S(1)) and its `cost_analysis()` counts ≈ 5× the weight's
     bytes; read from HBM is the weight once, which is what `program_cost`'s "hbm bytes" counts."""
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, **deviceless_env("v5p-8"), "PYTHONPATH": str(repo), "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    env.pop("XLA_FLAGS", None)
-    run = subprocess.run([sys.executable, "-c", MATVEC_SCRIPT], env=env, cwd=repo, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    r = run_deviceless(MATVEC_SCRIPT)
     weight = 4096 * 4096 * 2
     assert r["prefetched"] and r["compiler"] > 4 * weight
     assert weight <= r["counted"]["hbm bytes"] < 1.02 * weight

@@ -4,14 +4,12 @@ block end; different suffixes after one prefix; LRU eviction under a small budge
 
 import numpy as np
 import pytest
+from prefix_helpers import BLOCK, CAPACITY, GREEDY, assert_same, tokens
 
 from m1jax.demo import demo_model
 from m1jax.generation import Engine, GenerationError
 from m1jax.prefix_cache import PrefixCache, block_keys, prefill_prompt
 from m1jax.sampling import SamplingParams
-
-BLOCK, CAPACITY = 16, 256
-GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(), repetition_stop=None)
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +17,11 @@ def engine():
     return Engine(demo_model("tiny", seed=0), prefill_chunk=BLOCK)
 
 
-def tokens(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 500, n).tolist()
-
-
 def run(engine, prompt, store):
     state, cached = prefill_prompt(engine, prompt, block=BLOCK, capacity=CAPACITY, store=store)
     logits = np.asarray(state.next_logits_BxV)
     [result], _ = engine.decode(state, GREEDY)
     return result, cached, logits
-
-
-def assert_same(a, b):
-    (ra, _, la), (rb, _, lb) = a, b
-    assert ra.tokens == rb.tokens
-    assert ra.logprobs == rb.logprobs  # exactly: the same calls on the same inputs
-    assert np.array_equal(la, lb)
 
 
 @pytest.mark.parametrize("shared", [40, 48])  # ends inside block 2 / at the end of block 2

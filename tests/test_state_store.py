@@ -9,15 +9,13 @@ import logging
 
 import numpy as np
 import pytest
+from prefix_helpers import BLOCK, CAPACITY, GREEDY, assert_same, tokens
 
 from m1jax.demo import demo_model
 from m1jax.generation import STATE_MARKER, Engine, GenerationError
 from m1jax.prefix_cache import PrefixCache, RowPrefill, StateStore, block_keys, prefill_prompt, store_fingerprint
 from m1jax.sampling import SamplingParams
 from m1jax.serving import Request, Scheduler
-
-BLOCK, CAPACITY = 16, 256
-GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(), repetition_stop=None)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +26,6 @@ def engine():
 @pytest.fixture(scope="module")
 def fp(engine):
     return store_fingerprint(engine, BLOCK, CAPACITY)
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 500, n).tolist()
 
 
 def store(path, fp, max_bytes=1 << 30) -> StateStore:
@@ -46,13 +40,6 @@ def run(engine, prompt, *, every=2 * BLOCK, **stores):
     if "disk" in stores:
         stores["disk"].flush()
     return result, cached, logits
-
-
-def assert_same(a, b):
-    (ra, _, la), (rb, _, lb) = a, b
-    assert ra.tokens == rb.tokens
-    assert ra.logprobs == rb.logprobs  # exactly: the same calls on the same inputs
-    assert np.array_equal(la, lb)
 
 
 def on_disk(path) -> set[str]:
