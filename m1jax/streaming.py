@@ -55,6 +55,9 @@ _PROBE = "Streaming probe: café naïve 你好 😀  \t\n  spaces   and\n\n\nnew
 
 
 # --------------------------------------------------------------------------------------------- tokenization
+BLOCK_CHARS = 1 << 16  # characters per tokenizer call when a text is encoded block by block
+
+
 def read_text(path: str | os.PathLike, piece_bytes: int = 1 << 20) -> Iterator[str]:
     """The UTF-8 text of the file at `path` in pieces of about `piece_bytes` bytes (never a split character)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
@@ -99,7 +102,7 @@ def _safe_cut(encode: Callable[[str], list[int]], window: str, lo: int, hi: int,
     return None
 
 
-def encode_blocks(tokenizer, pieces: Iterable[str], *, block_chars: int = 1 << 16,
+def encode_blocks(tokenizer, pieces: Iterable[str], *, block_chars: int = BLOCK_CHARS,
                   lookahead: int = 1024) -> Iterator[list[int]]:
     """The token ids of the concatenated text `pieces` (e.g. `read_text(path)`), as consecutive blocks of about
     `block_chars` characters of text each; their concatenation is `tokenizer.encode(text)` (see the module
@@ -123,7 +126,7 @@ def encode_blocks(tokenizer, pieces: Iterable[str], *, block_chars: int = 1 << 1
         yield tokenizer.encode(buf)
 
 
-def encode_text(tokenizer, text: str, *, block_chars: int = 1 << 16, lookahead: int = 1024) -> list[int]:
+def encode_text(tokenizer, text: str, *, block_chars: int = BLOCK_CHARS, lookahead: int = 1024) -> list[int]:
     """`tokenizer.encode(text)` (the same ids), computed block by block with `encode_blocks` when the text is
     longer than `block_chars` characters, so a long document is never tokenized in one call."""
     if len(text) <= block_chars:
@@ -273,7 +276,8 @@ def prefill_stream(engine: Engine, token_blocks: Iterable[Sequence[int]], *, che
     return StreamedPrefill(state=state, tokens=seen, resumed_from=resumed_from)
 
 
-def prefill_file(engine: Engine, path: str | os.PathLike, *, block_chars: int = 1 << 16, **stream) -> StreamedPrefill:
+def prefill_file(engine: Engine, path: str | os.PathLike, *, block_chars: int = BLOCK_CHARS,
+                 **stream) -> StreamedPrefill:
     """`prefill_stream(engine, blocks, **stream)` of a UTF-8 text file tokenized block-wise with the engine's
     tokenizer; checkpoints are fingerprinted by the file's SHA-256, the model and the tokenizer."""
     if engine.tokenizer is None:

@@ -26,11 +26,11 @@ from m1jax import chat
 from m1jax.sampling import SamplingParams
 from m1jax.serving.output_parser import OutputStreamParser
 from m1jax.serving.scheduler import Request
-from m1jax.streaming import encode_text
+from m1jax.streaming import BLOCK_CHARS, encode_text
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20
-ENCODE_BLOCK_CHARS = 1 << 16  # prompts longer than this are tokenized block-wise (`streaming.encode_text`)
+ENCODE_BLOCK_CHARS = BLOCK_CHARS  # prompts longer than this are tokenized block-wise (`streaming.encode_text`)
 CHAT_URL, COMPLETIONS_URL, GENERATE_URL = "/v1/chat/completions", "/v1/completions", "/v1/minimax-m1/generate"
 
 # The finish reasons of `RequestOutput` as the OpenAI API spells them (the seed endpoint reports them unchanged).
