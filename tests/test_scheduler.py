@@ -13,6 +13,7 @@ from m1jax.demo import demo_model, demo_tokenizer
 from m1jax.generation import THINK_CLOSE, Engine, GenerationError
 from m1jax.sampling import SamplingParams
 from m1jax.serving import Request, Scheduler
+from m1jax.serving import scheduler as scheduler_module
 
 # One pool shape for every test (compiles are shared): 2 slots, a 64-token context window (so long runs move the
 # timeline), 16-token prefill chunks, bursts of 4.
@@ -75,6 +76,60 @@ def test_staggered_requests_equal_generate_alone(engine, prompts):
         assert_same(out, alone(engine, p, s))
     assert sched.shifts > 0  # the 64-token window forced the timeline to move
     assert sched.stats()["running"] == 0 and sched.stats()["generated_tokens"] == 10 + 11 + 13 + 12 + 9
+
+
+def test_compacted_bursts_run_only_the_live_rows_and_change_no_output(engine, prompts, monkeypatch):
+    """With 3 of 4 slots live and then fewer, the bursts run batches of 3, 2 and 1 rows (`_decode_rows`), and every
+    request's tokens and log-probs equal those of the same pool decoding all its rows, and `generate` alone."""
+    samplings = [sp(14), sp(14, temperature=0.8, seed=2, top_k=40), sp(10)]
+    calls = []
+    decode_rows = scheduler_module._decode_rows
+
+    def spy(*args, **kw):
+        calls.append(int(args[7].shape[0]))
+        return decode_rows(*args, **kw)
+
+    monkeypatch.setattr(scheduler_module, "_decode_rows", spy)
+    outs = {}
+    for compact in (True, False):
+        sched = Scheduler(engine, **{**POOL, "slots": 4})
+        assert sched.compact  # the default on CPU without a mesh
+        sched.compact = compact
+        outs[compact] = sched.run([Request(p, s) for p, s in zip(prompts[:3], samplings, strict=True)])
+        if compact:
+            assert {3, 2, 1} <= set(calls)
+            n_compacted = len(calls)
+    assert len(calls) == n_compacted  # the uncompacted pool never gathers rows
+    for a, b, p, s in zip(outs[True], outs[False], prompts[:3], samplings, strict=True):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+        assert_same(a, alone(engine, p, s))
+
+
+@pytest.mark.slow  # a scanned model's compiles
+def test_compacted_bursts_of_a_scanned_model(prompts):
+    """The cache stacked per layer group (rows on axis 1): compacted bursts still equal `generate` alone."""
+    from flax import nnx
+
+    from m1jax.config import ModelConfig
+    from m1jax.model import MiniMaxM1
+
+    types = ("linear_attention", "full_attention") * 2
+    config = ModelConfig.from_preset("tiny-hf").replace(num_hidden_layers=4, layer_types=types, block_size=8,
+                                                        hf_source_json="{}", scan_layers=True)
+    scanned = Engine(MiniMaxM1(config, rngs=nnx.Rngs(0)))
+    assert scanned.config.scan_groups == 2
+    samplings = [sp(14), sp(14, temperature=0.8, seed=2, top_k=40), sp(10)]
+    sched = Scheduler(scanned, **{**POOL, "slots": 4})
+    outs = sched.run([Request(p, s) for p, s in zip(prompts[:3], samplings, strict=True)])
+    for out, p, s in zip(outs, prompts[:3], samplings, strict=True):
+        assert_same(out, alone(scanned, p, s))
+
+
+def test_compact_rows_buckets():
+    assert [scheduler_module.compact_rows(n, 8) for n in range(1, 9)] == list(range(1, 9))
+    assert scheduler_module.compact_rows(9, 64) == 16 and scheduler_module.compact_rows(33, 64) == 64
+    assert scheduler_module.compact_rows(9, 12) == 12  # never more than the pool
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_exact(engine, prompts):

@@ -25,6 +25,11 @@ Design (the model and the cache format stay those of `Engine`):
   stop tokens, length, repetition, thinking budgets and top log-probs all happen there. Between bursts the
   host detokenizes incrementally (`RowText`, UTF-8-safe), checks stop strings, streams `Delta`s, frees the
   slots of finished and cancelled requests and admits waiting ones.
+* Compacted bursts (`Scheduler.compact`, on by default on CPU without a mesh): a burst runs only the live rows,
+  gathered into a batch of `compact_rows(live, slots)` rows and written back after it (`_decode_rows`), since
+  on CPU a decode step's cost grows with its rows (attention over each row's cache slots, the LM head, the
+  per-row expert branches) even when most are idle. On TPU/GPU a step costs about the same for any batch up to
+  the pool, so the whole pool decodes (one compiled loop).
 * Routing: each slot decodes with its request's `expert_threshold` (`sp["expert_threshold_B"]`); the prefill
   chunks and decode bursts record every token's routed experts, from which `RequestOutput.routing` (the
   request's routing log, `moe.routing_log`) and, when asked, `RequestOutput.routed_experts` are made. Requests
@@ -63,6 +68,7 @@ from m1jax.generation import (
     GenerationError,
     RowProgress,
     RowText,
+    XLA_CPU_COMPILER_OPTIONS,
     _decode_loop,
     _forward_chunk,
     _round_up,
@@ -81,6 +87,7 @@ DEFAULT_CHECKPOINT_TOKENS = 65_536  # state checkpoints every this many tokens (
 DEFAULT_STATE_BYTES = 20 << 30  # disk budget of a state directory
 _IDLE = SamplingParams(temperature=0.0, max_new_tokens=1, stop_token_ids=(), repetition_stop=None)
 _STOP_STRING = FINISH_REASONS.index("stop_string")
+COMPACT_EXACT = 8  # compacted decode bursts run exactly the live rows up to this many (`compact_rows`)
 
 
 @dataclasses.dataclass
@@ -249,13 +256,59 @@ def _insert_row(pool: EngineState, row_cache: Cache, row_logits_1xV, slot, lengt
                        next_logits_BxV=pool.next_logits_BxV.at[slot].set(row_logits_1xV[0]))
 
 
+def compact_rows(live: int, slots: int) -> int:
+    """Rows of a compacted decode burst with `live` live rows: `live` itself up to `COMPACT_EXACT`, else the next
+    power of two, at most `slots` (so at most `COMPACT_EXACT` + log2(slots) decode loops are compiled)."""
+    return live if live <= COMPACT_EXACT else min(slots, 1 << (live - 1).bit_length())
+
+
+def _set_rows(x: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A copy of `x` with entries `idx` set to `rows`."""
+    y = np.array(x)
+    y[idx] = rows
+    return y
+
+
+def _per_row(key: str) -> bool:
+    """Whether the decode-loop setting `key` (`sampling_arrays`) has one entry per row (shape suffix `_B…`)."""
+    return key.endswith("_B") or "_Bx" in key
+
+
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("record",), donate_argnums=(3,),
+         compiler_options=XLA_CPU_COMPILER_OPTIONS)
+def _decode_rows(graphdef, n_top: int, params, pool: EngineState, prog: RowProgress, sp: dict, max_steps,
+                 rows_R, *, record: bool = False):
+    """`_decode_loop` on rows `rows_R` of the pool only, as a batch of R rows: (outputs `[R, C]`, the pool with
+    those rows written back and the timeline advanced, their progress `[R]`). The pool's other rows are left
+    as they were."""
+    b_axis = 1 if pool.cache.groups else 0
+
+    def put(x, y, axis):
+        return x.at[(slice(None),) * axis + (rows_R,)].set(y)
+
+    sub = EngineState(
+        cache=pool.cache.replace(layers=jax.tree.map(lambda x: jnp.take(x, rows_R, axis=b_axis), pool.cache.layers),
+                                 valid_BxS=pool.cache.valid_BxS[rows_R]),
+        positions_B=pool.positions_B[rows_R], next_logits_BxV=pool.next_logits_BxV[rows_R])
+    sub_prog = jax.tree.map(lambda x: jnp.asarray(x)[rows_R], prog)
+    sub_sp = {k: v[rows_R] if _per_row(k) else v for k, v in sp.items()}
+    loop = _decode_loop.__wrapped__  # the loop's body traced here (a nested jit may not carry compiler options)
+    outs, sub, sub_prog = loop(graphdef, n_top, params, sub, sub_prog, sub_sp, max_steps, record=record)
+    cache = pool.cache.replace(
+        layers=jax.tree.map(lambda x, y: put(x, y, b_axis), pool.cache.layers, sub.cache.layers),
+        valid_BxS=put(pool.cache.valid_BxS, sub.cache.valid_BxS, 0), length=sub.cache.length)
+    return outs, EngineState(cache=cache, positions_B=put(pool.positions_B, sub.positions_B, 0),
+                             next_logits_BxV=put(pool.next_logits_BxV, sub.next_logits_BxV, 0)), sub_prog
+
+
 # --------------------------------------------------------------------------------------------- scheduler
 class Scheduler:
     """Continuous batching over `engine` (see the module docstring for the design).
 
     `slots` rows decode together; `context_window` bounds prompt + max_new_tokens of a request (default: the
     engine's max_len, at most `DEFAULT_CONTEXT`); each `step()` runs ≤ `prefill_chunk` prompt tokens of one
-    newcomer and one decode burst of ≤ `decode_steps` steps. `state_dir`: checkpoint long prefills there every
+    newcomer and one decode burst of ≤ `decode_steps` steps (`compact`: of the live rows only, see the module
+    docstring). `state_dir`: checkpoint long prefills there every
     `checkpoint_every` tokens (a multiple of `prefill_chunk`; default about `DEFAULT_CHECKPOINT_TOKENS`) and
     restore from them, within `state_max_bytes` on disk."""
 
@@ -286,6 +339,7 @@ class Scheduler:
             state_dir, max_bytes=int(state_max_bytes),
             fingerprint=store_fingerprint(engine, self.prefill_chunk, self._row_slots))
         self.shifts = 0  # timeline moves so far (left or right)
+        self.compact = engine.mesh is None and jax.default_backend() == "cpu"
         self._reset_pool()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._cancels: set[str] = set()
@@ -553,6 +607,7 @@ class Scheduler:
         live = [j for j in self._jobs if j is not None and j.live]
         if not live:
             return False
+        rows = compact_rows(len(live), self.slots) if self.compact else self.slots
         start = min(self._length - j.span for j in live)  # the first slot a live row uses
         if self._length + self.decode_steps > self.capacity or start >= max(self._length // 2, self.capacity // 8):
             # full, or more than half the timeline is dead slots that every softmax decode step would read
@@ -562,11 +617,23 @@ class Scheduler:
                                    f"> capacity {self.capacity}")
         n_top = TOP_LOGPROBS if any(j.request.top_logprobs for j in live) else 0
         before = self._prog
+        steps = jnp.asarray(self.decode_steps, jnp.int32)
         with self.engine._on_mesh():
-            outs, self._state, prog = _decode_loop(
-                self.engine.graphdef, n_top, self.engine._decode_params(self.slots), self._state, before,
-                self._sampling(), jnp.asarray(self.decode_steps, jnp.int32), record=True)
+            if rows == self.slots:
+                outs, self._state, prog = _decode_loop(self.engine.graphdef, n_top, self.engine._decode_params(rows),
+                                                       self._state, before, self._sampling(), steps, record=True)
+            else:  # the live rows, then free slots (finished rows) up to the bucket
+                taken = sorted(j.slot for j in live)
+                idx = np.asarray(taken + [i for i in range(self.slots) if i not in taken][:rows - len(taken)],
+                                 np.int32)
+                outs, self._state, prog = _decode_rows(self.engine.graphdef, n_top, self.engine._decode_params(rows),
+                                                       self._state, before, self._sampling(), steps,
+                                                       jnp.asarray(idx), record=True)
         outs, prog, length = jax.tree.map(lambda x: np.array(to_host(x)), (outs, prog, self._state.cache.length))
+        if rows < self.slots:  # back to slot order (rows not run keep their progress; their outputs are unused)
+            outs = {k: _set_rows(np.zeros((self.slots, *v.shape[1:]), v.dtype), idx, v) for k, v in outs.items()}
+            prog = RowProgress(**{f.name: _set_rows(getattr(before, f.name), idx, getattr(prog, f.name))
+                                  for f in dataclasses.fields(RowProgress)})
         self._length = int(length)
         n_new = prog.n_gen_B - before.n_gen_B
         self._prog = prog
