@@ -11,6 +11,13 @@ requests/s). Times are wall seconds from a request's arrival:
   latency the client sees; p50 / p99 over the requests;
 * throughput — all output tokens / (last token of any request − first arrival).
 
+The last row is a bound, not a run (`ideal_bound`, costs measured in the same run on the scheduler's own calls):
+the throughput if every prompt token cost what it costs in a full prefill chunk, every output token what it costs
+in a full pool (`--slots` live rows: the cheapest per token, since a decode step's cost per row grows as rows go
+idle), nothing waited, and every prefill chunk also carried one decode step of the pool for free (as a scheduler
+that mixes decode rows into prefill chunks could). Its ratio to static batching bounds what a scheduler of
+these slots and this prefill chunk could reach at this machine's costs.
+
 Static batching takes the requests in arrival order, `--slots` at a time: a batch starts when the previous one
 finished and its last request has arrived, and decodes until its longest request is done (transformers the
 same, left-padded; each request counts only its own budget). Nothing is compiled while timed: the scheduler
@@ -180,6 +187,36 @@ def run_transformers(config: ModelConfig, work: list[Work], slots: int) -> list[
     return times
 
 
+def ideal_bound(engine: Engine, work: list[Work], slots: int, chunk: int, decode_steps: int, repeats: int = 2
+                ) -> dict:
+    """Seconds per prompt token of a full prefill chunk and per output token of a full pool (best of `repeats`,
+    measured on the scheduler's own calls), and the throughput of `work` at those costs with no idle time, less
+    one full-pool decode step per prefill chunk (see the module docstring)."""
+    window = max(len(w.prompt) + w.new for w in work)
+    rng = np.random.default_rng(0)
+    new = 4 * decode_steps
+    best_prefill, best_decode = float("inf"), float("inf")
+    for _ in range(repeats + 1):  # the first round compiles
+        s = Scheduler(engine, slots=slots, context_window=window, prefill_chunk=chunk, decode_steps=decode_steps)
+        for _ in range(slots):
+            s.submit(Request(prompt=rng.integers(0, engine.config.vocab_size, chunk).tolist(), sampling=greedy(new)))
+        t = time.perf_counter()
+        while s._waiting or s._prefilling is not None:
+            s._admit()
+            s._prefill_chunk()
+        best_prefill = min(best_prefill, (time.perf_counter() - t) / (slots * chunk))
+        t = time.perf_counter()
+        while s._decode_burst():
+            pass
+        best_decode = min(best_decode, (time.perf_counter() - t) / (slots * new))
+    tokens = sum(w.new for w in work)
+    chunks = sum(-(-len(w.prompt) // chunk) for w in work)
+    span = (best_prefill * sum(len(w.prompt) for w in work) + best_decode * tokens
+            - min(chunks, tokens / slots) * best_decode * slots)
+    return {"name": "bound: ideal scheduler at the full-pool costs", "tokens/s": tokens / span, "span": span,
+            "prefill_s_per_token": best_prefill, "decode_s_per_token": best_decode}
+
+
 def summarize(name: str, work: list[Work], times: list[list[float]]) -> dict:
     for w, t in zip(work, times, strict=True):
         if len(t) != w.new:
@@ -221,6 +258,7 @@ def main(argv=None) -> list[dict]:
     if not args.no_transformers:
         results.append(summarize("transformers generate (batches)", work,
                                  run_transformers(config, work, args.slots)))
+    bound = ideal_bound(engine, work, args.slots, args.chunk, args.decode_steps)
 
     print(f"# serving benchmark — {time.strftime('%Y-%m-%d')} — {machine()}")
     print(f"# {args.preset} fp32, {args.requests} requests (prompts {args.prompt} log-uniform, new {args.new}, "
@@ -232,9 +270,15 @@ def main(argv=None) -> list[dict]:
              f"{np.percentile(r['ttft'], 50):.2f}", f"{np.percentile(r['ttft'], 99):.2f}",
              f"{1e3 * np.percentile(r['itl'], 50):.0f}", f"{1e3 * np.percentile(r['itl'], 99):.0f}"]
             for r in results]
+    rows.append([bound["name"], f"{bound['tokens/s']:.1f}", f"{base / bound['tokens/s']:.2f}x",
+                 f"{bound['span']:.1f}", "", "", "", ""])
     print(table(["system", "output tokens/s", "continuous speed-up", "span (s)", "TTFT p50 (s)", "TTFT p99 (s)",
                  "ITL p50 (ms)", "ITL p99 (ms)"], rows))
-    return results
+    static = results[1]["tokens/s"]
+    print(f"# full-pool costs: prefill {1e3 * bound['prefill_s_per_token']:.2f} ms/token (chunk {args.chunk}), "
+          f"decode {1e3 * bound['decode_s_per_token']:.2f} ms/token ({args.slots} rows); ratios to static batching: "
+          f"continuous {base / static:.2f}x, bound {bound['tokens/s'] / static:.2f}x")
+    return results + [bound]
 
 
 if __name__ == "__main__":

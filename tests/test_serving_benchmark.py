@@ -9,7 +9,11 @@ def test_serving_benchmark_quick_runs(capsys):
     from benchmarks import serving
 
     results = serving.main(["--quick"])
-    assert [r["name"] for r in results] == ["continuous (Scheduler)", "static batches (Engine.generate)"]
-    for r in results:  # summarize() already raised if a request got a different number of tokens
+    assert [r["name"] for r in results][:2] == ["continuous (Scheduler)", "static batches (Engine.generate)"]
+    bound = results[2]
+    assert bound["name"].startswith("bound") and bound["tokens/s"] > 0
+    assert bound["prefill_s_per_token"] > 0 and bound["decode_s_per_token"] > 0
+    for r in results[:2]:  # summarize() already raised if a request got a different number of tokens
         assert r["tokens/s"] > 0 and len(r["ttft"]) == 6 and all(t >= 0 for t in r["ttft"])
-    assert "| continuous (Scheduler) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| continuous (Scheduler) |" in out and "| bound: ideal scheduler" in out and "ratios to static" in out
