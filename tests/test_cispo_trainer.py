@@ -471,6 +471,7 @@ def _compile_counts() -> dict:
     return {k: f._cache_size() for k, f in fns.items()}
 
 
+@pytest.mark.slow  # three trainer subprocesses (~18 s)
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, persistent_compile_cache):
     """Kill (SIGKILL, hidden env var) a subprocess run after step 3's metrics line, before its checkpoint; the
     resumed run restores step 2 (params, optimizer, RNG, data position), cuts metrics.jsonl back and continues

@@ -121,6 +121,7 @@ def _scanned_forward_hlo(groups: int) -> tuple[str, dict]:
     return compiled.as_text(), cost[0] if isinstance(cost, list) else cost
 
 
+@pytest.mark.slow  # compiles a scanned and an unrolled model (~18 s)
 def test_scanned_groups_count_times_their_number():
     """A tiny model scanned over G groups of (2 lightning + 1 softmax) layers, forward compiled on CPU: each
     added group adds the same FLOPs and bytes (one group's), while XLA's cost analysis stays at one group's;

@@ -86,6 +86,7 @@ def test_only_adapters_get_gradients_and_b_alone_at_init(base):
     assert all(v > 0 for k, v in flat.items() if k.endswith("_lora_b"))
 
 
+@pytest.mark.slow  # a scanned model's compiles (~20 s); the unrolled adapters are tested by default
 def test_scanned_model_adapters_are_stacked_and_merge(base):
     scanned = MiniMaxM1(small(scan_layers=True), rngs=nnx.Rngs(0))
     m = randomized(lora.attach(scanned, rank=2))
@@ -109,6 +110,7 @@ def test_int8_experts_keep_int8_and_adapters_add_on_top(base):
         lora.merge(randomized(m))
 
 
+@pytest.mark.slow  # a mesh of 8 CPU devices (~15 s)
 def test_adapters_are_created_in_the_weights_sharding():
     mesh = make_mesh({"expert": 2, "tensor": 2}, jax.devices()[:4])
     from m1jax.loading import init_sharded

@@ -265,7 +265,7 @@ def test_scanned_decode_updates_the_cache_in_place():
     assert hlo_collectives.program_cost(hlo)["hbm bytes"] < 2 * held
 
 
-@pytest.mark.parametrize("mesh_shape", [None, {"expert": 4, "tensor": 2}])
+@pytest.mark.parametrize("mesh_shape", [None, pytest.param({"expert": 4, "tensor": 2}, marks=pytest.mark.slow)])
 def test_expert_weights_held_per_group_give_the_same_cached_decode(models, tokens, mesh_shape):
     """`unstack_experts(over="groups")` (what a TPU/GPU engine decodes a scanned model with): each group's MoE
     reads its own arrays through a `lax.switch` on the group index; prefill and a cached decode step give

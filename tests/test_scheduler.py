@@ -78,9 +78,9 @@ def test_staggered_requests_equal_generate_alone(engine, prompts):
     assert sched.stats()["running"] == 0 and sched.stats()["generated_tokens"] == 10 + 11 + 13 + 12 + 9
 
 
-def test_compacted_bursts_run_only_the_live_rows_and_change_no_output(engine, prompts, monkeypatch):
+def test_compacted_bursts_run_only_the_live_rows(engine, prompts, monkeypatch):
     """With 3 of 4 slots live and then fewer, the bursts run batches of 3, 2 and 1 rows (`_decode_rows`), and every
-    request's tokens and log-probs equal those of the same pool decoding all its rows, and `generate` alone."""
+    request's tokens and log-probs equal `generate` alone (the whole pool's bursts: the other tests)."""
     samplings = [sp(14), sp(14, temperature=0.8, seed=2, top_k=40), sp(10)]
     calls = []
     decode_rows = scheduler_module._decode_rows
@@ -90,20 +90,12 @@ def test_compacted_bursts_run_only_the_live_rows_and_change_no_output(engine, pr
         return decode_rows(*args, **kw)
 
     monkeypatch.setattr(scheduler_module, "_decode_rows", spy)
-    outs = {}
-    for compact in (True, False):
-        sched = Scheduler(engine, **{**POOL, "slots": 4})
-        assert sched.compact  # the default on CPU without a mesh
-        sched.compact = compact
-        outs[compact] = sched.run([Request(p, s) for p, s in zip(prompts[:3], samplings, strict=True)])
-        if compact:
-            assert {3, 2, 1} <= set(calls)
-            n_compacted = len(calls)
-    assert len(calls) == n_compacted  # the uncompacted pool never gathers rows
-    for a, b, p, s in zip(outs[True], outs[False], prompts[:3], samplings, strict=True):
-        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
-        assert_same(a, alone(engine, p, s))
+    sched = Scheduler(engine, **{**POOL, "slots": 4})
+    assert sched.compact  # the default on CPU without a mesh
+    outs = sched.run([Request(p, s) for p, s in zip(prompts[:3], samplings, strict=True)])
+    assert {3, 2, 1} <= set(calls) and max(calls) == 3
+    for out, p, s in zip(outs, prompts[:3], samplings, strict=True):
+        assert_same(out, alone(engine, p, s))
 
 
 @pytest.mark.slow  # a scanned model's compiles

@@ -71,6 +71,7 @@ def test_cache_is_created_in_its_sharding(config, mesh):
         jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), cache)
 
 
+@pytest.mark.slow  # prefill and decode compiled for a mesh (~20 s)
 def test_engine_on_a_mesh_generates_the_same_greedy_tokens(config, mesh):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 17, 9, 30)]

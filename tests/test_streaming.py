@@ -119,6 +119,7 @@ def cli_args(path, ckpt, *extra):
             "--max-new-tokens", "12", "--repetition-stop", "0", "--no-stream", *extra]
 
 
+@pytest.mark.slow  # CLI subprocesses killed and rerun (~16 s)
 def test_sigkilled_prefill_resumes_to_the_uninterrupted_output(tmp_path, capsys):
     path = tmp_path / "doc.txt"
     path.write_text(document(24), encoding="utf-8")

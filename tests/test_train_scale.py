@@ -66,7 +66,8 @@ def bundle():
 
 
 # ------------------------------------------------------------------------------------------- chunked log-probs
-@pytest.mark.parametrize("seq_chunk, vocab_chunk", [(3, None), (4, 4), (None, 5), (100, 100)])
+@pytest.mark.parametrize("seq_chunk, vocab_chunk", [pytest.param(3, None, marks=pytest.mark.slow),
+                                                    pytest.param(4, 4, marks=pytest.mark.slow), (None, 5), (100, 100)])
 def test_chunked_logprobs_equal_the_unchunked_head(bundle, seq_chunk, vocab_chunk):
     """Values and gradients (w.r.t. every parameter) of log-probs and entropies: strided sequence chunks are the
     same arithmetic; vocabulary chunks sum in another order (fp32 tolerance). 14 columns in chunks of 4 or 5
@@ -165,6 +166,7 @@ def test_unknown_remat_policy_names_the_field():
 
 
 # ------------------------------------------------------------------------------------------- cast at use
+@pytest.mark.slow  # two scanned models' gradients (~18 s)
 def test_bf16_masters_are_cast_where_read_with_the_same_gradients():
     """bf16 compute: the update's model holds the fp32 masters and each layer casts its weights inside the layer
     scan; the loss equals casting the whole tree first, the gradients to bf16 precision, and no bf16 copy of a
