@@ -21,9 +21,9 @@ these slots and this prefill chunk could reach at this machine's costs.
 Static batching takes the requests in arrival order, `--slots` at a time: a batch starts when the previous one
 finished and its last request has arrived, and decodes until its longest request is done (transformers the
 same, left-padded; each request counts only its own budget). Nothing is compiled while timed: the scheduler
-serves the whole workload once untimed first, static batching runs every batch once untimed (each batch has its
-own shapes), transformers runs one warm-up batch. Prints a markdown
-table.
+compiles every decode burst and prefill chunk (`Scheduler.warmup`) and serves the whole workload once untimed
+first, static batching runs every batch once untimed (each batch has its own shapes), transformers runs one
+warm-up batch. Prints a markdown table.
 
     python benchmarks/serving.py [--preset bench-small] [--requests 24] [--rate 2] [--slots 8] [--seed 0]
     python benchmarks/serving.py --quick     # tiny preset, 6 short requests, no transformers: a smoke test
@@ -88,11 +88,12 @@ def wait_until(t0: float, at: float) -> None:
 
 
 def run_continuous(engine: Engine, work: list[Work], slots: int, chunk: int, decode_steps: int) -> list[list[float]]:
-    """Token times (seconds after the start) of every request served by the scheduler's background thread. The
-    workload runs twice on the same scheduler and the second run is timed (the first compiles every shape the
-    arrivals lead to: how many newcomers share a prefill step varies)."""
+    """Token times (seconds after the start) of every request served by the scheduler's background thread. After
+    `warmup()` the workload runs twice on the same scheduler and the second run is timed (the live rows of each
+    compacted burst depend on the arrivals' timing, so the warm-up compiles every batch a burst can take)."""
     window = max(len(w.prompt) + w.new for w in work)
     scheduler = Scheduler(engine, slots=slots, context_window=window, prefill_chunk=chunk, decode_steps=decode_steps)
+    scheduler.warmup()
     scheduler.start()
     try:
         for _ in range(2):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from m1jax.config import QUANTIZE_MODES
 from m1jax.errors import UserError, user_errors
@@ -188,6 +189,11 @@ def _serving_setup(args, *, local_devices: bool = False):
                           prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
                           prefix_cache_tokens=args.prefix_cache_tokens, state_dir=args.state_dir,
                           checkpoint_every=args.checkpoint_every, state_max_bytes=int(args.state_max_gb * 2**30))
+    if args.warmup:
+        t = time.perf_counter()
+        scheduler.warmup()
+        print(f"m1jax: compiled the decode bursts and prefill chunks in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr)
     name = args.served_model_name or (pathlib.Path(args.model).name if args.model else
                                       f"m1jax-{args.preset}" if args.preset else "m1jax-demo")
     return scheduler, tokenizer, model, name, defaults
@@ -279,6 +285,8 @@ def _add_scheduler_args(p) -> None:
     p.add_argument("--context-window", type=int, default=4096, help="most tokens per sequence (prompt + output)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per scheduler step")
+    p.add_argument("--warmup", action="store_true", help="compile every decode burst and prefill chunk before "
+                   "taking requests (a longer start; no request waits on a compile)")
     p.add_argument("--prefix-cache-tokens", type=int, default=0, help="prefix-cache capacity in tokens (0: off)")
     p.add_argument("--state-dir", help="checkpoint long prefills here and restore from them: a request retried "
                    "after a kill resumes its prefill, and long prefixes stay cached across restarts")

@@ -118,6 +118,43 @@ def test_compacted_bursts_of_a_scanned_model(prompts):
         assert_same(out, alone(scanned, p, s))
 
 
+def test_warmup_compiles_every_burst_and_chunk_so_requests_compile_nothing(engine, prompts):
+    """A pool shape no other test uses (3 slots, 72-token window): warmup() compiles the whole-pool burst, the
+    compacted bursts of 1 and 2 rows and the prefill chunks of 16 and 32 tokens; serving requests of every
+    size afterwards compiles nothing more."""
+    from m1jax import generation
+
+    fns = {"loop": generation._decode_loop, "rows": scheduler_module._decode_rows, "chunk": generation._forward_chunk}
+    sched = Scheduler(engine, slots=3, context_window=72, prefill_chunk=32, decode_steps=4)
+    before = {k: f._cache_size() for k, f in fns.items()}
+    sched.warmup()
+    warm = {k: f._cache_size() for k, f in fns.items()}
+    assert warm["loop"] - before["loop"] == 1 and warm["rows"] - before["rows"] == 2
+    assert warm["chunk"] - before["chunk"] == 2  # chunks of 16 and 32 tokens
+    samplings = [sp(12), sp(5), sp(9, temperature=0.7, seed=1)]
+    outs = sched.run([Request(p, s) for p, s in zip(prompts[:3], samplings, strict=True)])
+    assert {k: f._cache_size() for k, f in fns.items()} == warm
+    for out, p, s in zip(outs, prompts[:3], samplings, strict=True):
+        assert_same(out, alone(engine, p, s))
+    sched.submit(Request(prompts[0], sp(4)))
+    with pytest.raises(GenerationError, match="idle scheduler"):
+        sched.warmup()
+
+
+def test_cli_warmup_flag_warms_the_scheduler(monkeypatch, capsys):
+    from m1jax import cli
+
+    warmed = []
+    monkeypatch.setattr(Scheduler, "warmup", lambda self: warmed.append(self.slots))
+    for command in ("serve", "batch"):
+        extra = ["in.jsonl", "out"] if command == "batch" else []
+        args = cli.build_parser().parse_args([command, *extra, "--slots", "3", "--context-window", "256", "--warmup"])
+        cli._serving_setup(args)
+        args = cli.build_parser().parse_args([command, *extra, "--slots", "3", "--context-window", "256"])
+        cli._serving_setup(args)
+    assert warmed == [3, 3] and capsys.readouterr().err.count("compiled the decode bursts") == 2
+
+
 def test_compact_rows_buckets():
     assert [scheduler_module.compact_rows(n, 8) for n in range(1, 9)] == list(range(1, 9))
     assert scheduler_module.compact_rows(9, 64) == 16 and scheduler_module.compact_rows(33, 64) == 64

@@ -71,6 +71,7 @@ from m1jax.generation import (
     XLA_CPU_COMPILER_OPTIONS,
     _decode_loop,
     _forward_chunk,
+    _bucket,
     _round_up,
     expert_thresholds,
     prefill_layout,
@@ -452,6 +453,37 @@ class Scheduler:
         self.step()
         if self.state_store is not None:
             self.state_store.flush()
+
+    def warmup(self) -> None:
+        """Compile what serving runs before any request arrives, so that no request waits on a compile: the decode
+        burst for every batch a burst can take (the whole pool and, with `compact`, each `compact_rows` bucket;
+        without top log-probs) and a newcomer's prefill chunk of every length the scheduler uses up to
+        `prefill_chunk` (the block-aligned prefill of a prefix cache or state directory compiles on first use).
+        Call it before `start()`; the pool stays empty."""
+        if any(j is not None for j in self._jobs) or self._waiting:
+            raise GenerationError("warmup() needs an idle scheduler (call it before submitting requests)")
+        e, c = self.engine, self.config
+        steps = jnp.asarray(self.decode_steps, jnp.int32)
+        buckets = sorted({compact_rows(n, self.slots) if self.compact else self.slots for n in
+                          range(1, self.slots + 1)})
+        with e._on_mesh():
+            for rows in buckets:  # every row finished: each loop compiles and runs no step
+                if rows == self.slots:
+                    _, self._state, _ = _decode_loop(e.graphdef, 0, e._decode_params(rows), self._state, self._prog,
+                                                     self._sampling(), steps, record=True)
+                else:
+                    _, self._state, _ = _decode_rows(e.graphdef, 0, e._decode_params(rows), self._state, self._prog,
+                                                     self._sampling(), steps, jnp.arange(rows, dtype=jnp.int32),
+                                                     record=True)
+            if self.prefix_cache is None and self.state_store is None:
+                chunks = sorted({min(self.prefill_chunk, _bucket(n)) for n in range(1, self.prefill_chunk + 1)})
+                for chunk in chunks:
+                    row = init_cache(c, 1, self._row_slots, mesh=e.mesh, rules=e.rules)
+                    zeros = jnp.zeros((1, chunk), jnp.int32)
+                    row, logits, _ = _forward_chunk(e.graphdef, e.params, row, zeros, zeros, zeros.astype(bool),
+                                                    None, record=True)
+                self._state = _insert_row(self._state, row, logits, 0, self._length, 0)
+        jax.block_until_ready(self._state)
 
     def stats(self) -> dict:
         """Queue and throughput counters: waiting, running, slots, generated_tokens, tokens_per_s (generated
