@@ -463,18 +463,11 @@ class Scheduler:
         if any(j is not None for j in self._jobs) or self._waiting:
             raise GenerationError("warmup() needs an idle scheduler (call it before submitting requests)")
         e, c = self.engine, self.config
-        steps = jnp.asarray(self.decode_steps, jnp.int32)
         buckets = sorted({compact_rows(n, self.slots) if self.compact else self.slots for n in
                           range(1, self.slots + 1)})
         with e._on_mesh():
             for rows in buckets:  # every row finished: each loop compiles and runs no step
-                if rows == self.slots:
-                    _, self._state, _ = _decode_loop(e.graphdef, 0, e._decode_params(rows), self._state, self._prog,
-                                                     self._sampling(), steps, record=True)
-                else:
-                    _, self._state, _ = _decode_rows(e.graphdef, 0, e._decode_params(rows), self._state, self._prog,
-                                                     self._sampling(), steps, jnp.arange(rows, dtype=jnp.int32),
-                                                     record=True)
+                self._run_burst(0, self._prog, None if rows == self.slots else np.arange(rows, dtype=np.int32))
             if self.prefix_cache is None and self.state_store is None:
                 chunks = sorted({min(self.prefill_chunk, _bucket(n)) for n in range(1, self.prefill_chunk + 1)})
                 for chunk in chunks:
@@ -649,20 +642,14 @@ class Scheduler:
                                    f"> capacity {self.capacity}")
         n_top = TOP_LOGPROBS if any(j.request.top_logprobs for j in live) else 0
         before = self._prog
-        steps = jnp.asarray(self.decode_steps, jnp.int32)
+        idx = None
+        if rows < self.slots:  # the live rows, then free slots (finished rows) up to the bucket
+            taken = sorted(j.slot for j in live)
+            idx = np.asarray(taken + [i for i in range(self.slots) if i not in taken][:rows - len(taken)], np.int32)
         with self.engine._on_mesh():
-            if rows == self.slots:
-                outs, self._state, prog = _decode_loop(self.engine.graphdef, n_top, self.engine._decode_params(rows),
-                                                       self._state, before, self._sampling(), steps, record=True)
-            else:  # the live rows, then free slots (finished rows) up to the bucket
-                taken = sorted(j.slot for j in live)
-                idx = np.asarray(taken + [i for i in range(self.slots) if i not in taken][:rows - len(taken)],
-                                 np.int32)
-                outs, self._state, prog = _decode_rows(self.engine.graphdef, n_top, self.engine._decode_params(rows),
-                                                       self._state, before, self._sampling(), steps,
-                                                       jnp.asarray(idx), record=True)
+            outs, prog = self._run_burst(n_top, before, idx)
         outs, prog, length = jax.tree.map(lambda x: np.array(to_host(x)), (outs, prog, self._state.cache.length))
-        if rows < self.slots:  # back to slot order (rows not run keep their progress; their outputs are unused)
+        if idx is not None:  # back to slot order (rows not run keep their progress; their outputs are unused)
             outs = {k: _set_rows(np.zeros((self.slots, *v.shape[1:]), v.dtype), idx, v) for k, v in outs.items()}
             prog = RowProgress(**{f.name: _set_rows(getattr(before, f.name), idx, getattr(prog, f.name))
                                   for f in dataclasses.fields(RowProgress)})
@@ -672,6 +659,19 @@ class Scheduler:
         for job in live:
             self._collect(job, outs, int(n_new[job.slot]))
         return True
+
+    def _run_burst(self, n_top: int, prog: RowProgress, idx: np.ndarray | None) -> tuple[dict, RowProgress]:
+        """One decode burst of the pool's rows `idx` (None: the whole pool) on device; the pool state is replaced.
+        Returns (outputs, progress) of those rows."""
+        e = self.engine
+        steps = jnp.asarray(self.decode_steps, jnp.int32)
+        if idx is None:
+            outs, self._state, prog = _decode_loop(e.graphdef, n_top, e._decode_params(self.slots), self._state, prog,
+                                                   self._sampling(), steps, record=True)
+        else:
+            outs, self._state, prog = _decode_rows(e.graphdef, n_top, e._decode_params(len(idx)), self._state, prog,
+                                                   self._sampling(), steps, jnp.asarray(idx), record=True)
+        return outs, prog
 
     def _collect(self, job: _Job, outs: dict, n_new: int) -> None:
         """The host side of a burst for one request: its new tokens, text, stop strings, delta, finish."""
