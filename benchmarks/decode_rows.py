@@ -33,18 +33,27 @@ def greedy(new: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_new_tokens=new, stop_token_ids=(), repetition_stop=None)
 
 
-def pool_step_ms(engine: Engine, prompts: list[list[int]], new: int, slots: int, window: int) -> float:
-    """ms per decode step of a `slots`-row pool with one request per prompt (prefills untimed)."""
-    s = Scheduler(engine, slots=slots, context_window=window, decode_steps=4)
+def pool_times(engine: Engine, prompts: list[list[int]], new: int, slots: int, window: int, *,
+               prefill_chunk: int = 256, decode_steps: int = 4) -> tuple[float, float]:
+    """(seconds of all newcomer prefill chunks, seconds of all decode bursts) of a `slots`-row pool serving one
+    request of `new` greedy tokens per prompt, prefills first."""
+    s = Scheduler(engine, slots=slots, context_window=window, prefill_chunk=prefill_chunk, decode_steps=decode_steps)
     for p in prompts:
         s.submit(Request(prompt=p, sampling=greedy(new)))
+    t = time.perf_counter()
     while s._waiting or s._prefilling is not None:
         s._admit()
         s._prefill_chunk()
+    prefill = time.perf_counter() - t
     t = time.perf_counter()
     while s._decode_burst():
         pass
-    return (time.perf_counter() - t) / new * 1e3
+    return prefill, time.perf_counter() - t
+
+
+def pool_step_ms(engine: Engine, prompts: list[list[int]], new: int, slots: int, window: int) -> float:
+    """ms per decode step of a `slots`-row pool with one request per prompt (prefills untimed)."""
+    return pool_times(engine, prompts, new, slots, window)[1] / new * 1e3
 
 
 def generate_step_ms(engine: Engine, prompts: list[list[int]], new: int) -> float:

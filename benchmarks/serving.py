@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.decode_rows import pool_times  # noqa: E402
 from m1jax.config import ModelConfig  # noqa: E402
 from m1jax.generation import Engine  # noqa: E402
 from m1jax.model import MiniMaxM1  # noqa: E402
@@ -198,18 +199,11 @@ def ideal_bound(engine: Engine, work: list[Work], slots: int, chunk: int, decode
     new = 4 * decode_steps
     best_prefill, best_decode = float("inf"), float("inf")
     for _ in range(repeats + 1):  # the first round compiles
-        s = Scheduler(engine, slots=slots, context_window=window, prefill_chunk=chunk, decode_steps=decode_steps)
-        for _ in range(slots):
-            s.submit(Request(prompt=rng.integers(0, engine.config.vocab_size, chunk).tolist(), sampling=greedy(new)))
-        t = time.perf_counter()
-        while s._waiting or s._prefilling is not None:
-            s._admit()
-            s._prefill_chunk()
-        best_prefill = min(best_prefill, (time.perf_counter() - t) / (slots * chunk))
-        t = time.perf_counter()
-        while s._decode_burst():
-            pass
-        best_decode = min(best_decode, (time.perf_counter() - t) / (slots * new))
+        prompts = [rng.integers(0, engine.config.vocab_size, chunk).tolist() for _ in range(slots)]
+        prefill, decode = pool_times(engine, prompts, new, slots, window, prefill_chunk=chunk,
+                                     decode_steps=decode_steps)
+        best_prefill = min(best_prefill, prefill / (slots * chunk))
+        best_decode = min(best_decode, decode / (slots * new))
     tokens = sum(w.new for w in work)
     chunks = sum(-(-len(w.prompt) // chunk) for w in work)
     span = (best_prefill * sum(len(w.prompt) for w in work) + best_decode * tokens
