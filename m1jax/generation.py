@@ -401,7 +401,7 @@ class Engine:
             i = int(too_long[0])
             raise GenerationError(f"prompt {i} needs {int(start_pos[i] + lens[i])} positions, more than the "
                                   f"configured maximum {self.max_len}")
-        tokens, positions, valid, chunk = prefill_layout(rows, start_pos, self.prefill_chunk)
+        tokens, positions, valid, calls = prefill_layout(rows, start_pos, self.prefill_chunk)
         padded = tokens.shape[1]
         if state is None:
             cache = init_cache(self.config, b, _round_up(padded + reserve, CACHE_ALIGN), mesh=self.mesh,
@@ -414,7 +414,7 @@ class Engine:
             logits = state.next_logits_BxV
         routed = []
         with self._on_mesh():
-            for s in range(0, padded, chunk):
+            for s, chunk in zip(np.cumsum([0] + calls[:-1]), calls, strict=True):
                 out = _forward_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens[:, s:s + chunk]),
                                      jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]),
                                      None if tau_B is None else jnp.asarray(tau_B), record=record)
@@ -583,12 +583,17 @@ def _stack_rows(rows: list, config: ModelConfig) -> np.ndarray:
 
 
 def prefill_layout(rows: Sequence[np.ndarray], start_pos: Sequence[int], prefill_chunk: int | None):
-    """How prompts enter the cache: rows left-padded to a multiple of the chunk (`prefill_chunk`, at most the
-    length bucket of the longest row; None: that bucket). Returns (tokens, positions, valid) `[B, P]` host
-    arrays and the chunk."""
-    longest = max(len(r) for r in rows)
+    """How prompts enter the cache, as calls of at most `chunk` tokens (`prefill_chunk`, at most the length
+    bucket of the longest row; None: that bucket): the rows are left-padded to `padded` = the length bucket of
+    the remainder r = longest mod chunk (at most the chunk; none when r = 0) plus whole chunks, so a long prompt
+    is padded by less than the bucket of its last r tokens, not up to a whole chunk. Returns (tokens, positions,
+    valid) `[B, padded]` host arrays and the calls' lengths in order (they sum to `padded`; all but the first
+    equal `chunk`)."""
+    longest = max(max(len(r) for r in rows), 1)
     chunk = _bucket(longest) if prefill_chunk is None else min(prefill_chunk, _bucket(longest))
-    padded = _round_up(max(longest, 1), chunk)
+    full, rest = divmod(longest, chunk)
+    calls = ([min(chunk, _bucket(rest))] if rest else []) + [chunk] * full
+    padded = sum(calls)
     b = len(rows)
     tokens = np.zeros((b, padded), np.int32)
     valid = np.zeros((b, padded), bool)
@@ -598,7 +603,7 @@ def prefill_layout(rows: Sequence[np.ndarray], start_pos: Sequence[int], prefill
         tokens[i, padded - n:] = r
         valid[i, padded - n:] = True
         positions[i, padded - n:] = start_pos[i] + np.arange(n)
-    return tokens, positions, valid, chunk
+    return tokens, positions, valid, calls
 
 
 def reasoning_count(closed_at: int, generated: int) -> int:

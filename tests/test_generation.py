@@ -16,7 +16,7 @@ from hf_oracle import make_hf_model, save_original_layout
 
 from m1jax.config import ModelConfig
 from m1jax.demo import demo_model, demo_tokenizer
-from m1jax.generation import Engine, GenerationError, generate, load_state, save_state
+from m1jax.generation import Engine, GenerationError, generate, load_state, prefill_layout, save_state
 from m1jax.loading import from_pretrained
 from m1jax.sampling import SamplingParams
 
@@ -147,6 +147,36 @@ def test_chunked_prefill_equals_one_shot(tiny, prompts, chunk):
     chunked = Engine(tiny, prefill_chunk=chunk).prefill(prompts)
     assert rel(chunked.next_logits_BxV, one.next_logits_BxV) <= 1e-5
     np.testing.assert_array_equal(chunked.positions_B, [3, 29, 12])
+    for a, b in zip(chunked.cache.layers, one.cache.layers, strict=True):
+        if not isinstance(a, tuple):  # lightning states
+            assert rel(a, b) <= 1e-5
+
+
+def test_prefill_layout_pads_a_long_prompt_to_the_bucket_of_its_remainder():
+    """Prompts longer than the chunk: one call of the remainder's length bucket, then whole chunks."""
+    def calls(n, chunk):
+        tokens, positions, valid, calls = prefill_layout([np.arange(n)], [5], chunk)
+        assert tokens.shape[1] == sum(calls) and valid.sum() == n and positions[0, -1] == 5 + n - 1
+        return calls
+
+    assert calls(1341, 256) == [64] + [256] * 5  # not 6 × 256
+    assert calls(1280, 256) == [256] * 5
+    assert calls(300, 256) == [64, 256]
+    assert calls(250, 256) == [256]  # one call: the prompt's bucket, as before
+    assert calls(20, 256) == [32]
+    assert calls(29, 8) == [8] * 4  # a chunk below the smallest bucket
+    assert calls(1341, None) == [2048]
+
+
+def test_prefill_with_a_short_first_call_equals_one_shot(tiny):
+    """A 70-token prompt in calls of 16 + 32 + 32 (left-padded first call) equals one call, batched with shorter
+    prompts."""
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, tiny.config.vocab_size, n).tolist() for n in (70, 40, 3)]
+    one = Engine(tiny, prefill_chunk=4096).prefill(rows)
+    chunked = Engine(tiny, prefill_chunk=32).prefill(rows)
+    assert int(chunked.cache.length) == 80
+    assert rel(chunked.next_logits_BxV, one.next_logits_BxV) <= 1e-5
     for a, b in zip(chunked.cache.layers, one.cache.layers, strict=True):
         if not isinstance(a, tuple):  # lightning states
             assert rel(a, b) <= 1e-5

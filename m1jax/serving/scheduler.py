@@ -199,8 +199,8 @@ class _Job:
     text: RowText
     slot: int | None = None
     live: bool = False  # decoding in the pool
-    layout: tuple | None = None  # prefill: (tokens, positions, valid, chunk)
-    done_tokens: int = 0  # prefill progress (padded tokens run)
+    layout: tuple | None = None  # prefill: (tokens, positions, valid, call lengths) of `prefill_layout`
+    calls_done: int = 0  # prefill progress: calls of `layout` run
     row_cache: Cache | None = None
     row_logits: jax.Array | None = None
     prefill: RowPrefill | None = None  # prefill through the prefix cache
@@ -556,8 +556,7 @@ class Scheduler:
                                      checkpoint_every=self.checkpoint_every)
             self._prefilling = job
             return
-        tokens, positions, valid, chunk = prefill_layout([job.prompt], [0], self.prefill_chunk)
-        job.layout = (tokens, positions, valid, chunk)
+        job.layout = prefill_layout([job.prompt], [0], self.prefill_chunk)
         job.row_cache = init_cache(self.config, 1, self._row_slots, mesh=self.engine.mesh, rules=self.engine.rules)
         self._prefilling = job
 
@@ -576,8 +575,8 @@ class Scheduler:
                 job.row_cache, job.row_logits = job.prefill.packed_cache(), job.prefill.state().next_logits_BxV
                 self._join_pool(job)
             return ran
-        tokens, positions, valid, chunk = job.layout
-        s = job.done_tokens
+        tokens, positions, valid, calls = job.layout
+        s, chunk = sum(calls[:job.calls_done]), calls[job.calls_done]
         tau = expert_thresholds(job.request.expert_threshold, 1)
         with self.engine._on_mesh():
             job.row_cache, job.row_logits, routed = _forward_chunk(
@@ -585,8 +584,8 @@ class Scheduler:
                 jnp.asarray(positions[:, s:s + chunk]), jnp.asarray(valid[:, s:s + chunk]),
                 None if tau is None else jnp.asarray(tau), record=True)
         job.routed.append(to_host(routed)[0][valid[0, s:s + chunk]])
-        job.done_tokens += chunk
-        if job.done_tokens >= tokens.shape[1]:
+        job.calls_done += 1
+        if job.calls_done == len(calls):
             self._join_pool(job)
         return chunk
 
