@@ -248,12 +248,12 @@ def main(argv=None) -> list[dict]:
     engine = Engine(MiniMaxM1(config, rngs=nnx.Rngs(0)))
 
     results = [summarize("continuous (Scheduler)", work, run_continuous(engine, work, args.slots, args.chunk,
-                                                                         args.decode_steps)),
-               summarize("static batches (Engine.generate)", work, run_static(engine, work, args.slots))]
+                                                                         args.decode_steps))]
+    bound = ideal_bound(engine, work, args.slots, args.chunk, args.decode_steps)  # next to the run it bounds
+    results.append(summarize("static batches (Engine.generate)", work, run_static(engine, work, args.slots)))
     if not args.no_transformers:
         results.append(summarize("transformers generate (batches)", work,
                                  run_transformers(config, work, args.slots)))
-    bound = ideal_bound(engine, work, args.slots, args.chunk, args.decode_steps)
 
     print(f"# serving benchmark — {time.strftime('%Y-%m-%d')} — {machine()}")
     print(f"# {args.preset} fp32, {args.requests} requests (prompts {args.prompt} log-uniform, new {args.new}, "
