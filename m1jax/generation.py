@@ -584,11 +584,10 @@ def _stack_rows(rows: list, config: ModelConfig) -> np.ndarray:
 
 def prefill_layout(rows: Sequence[np.ndarray], start_pos: Sequence[int], prefill_chunk: int | None):
     """How prompts enter the cache, as calls of at most `chunk` tokens (`prefill_chunk`, at most the length
-    bucket of the longest row; None: that bucket): the rows are left-padded to `padded` = the length bucket of
-    the remainder r = longest mod chunk (at most the chunk; none when r = 0) plus whole chunks, so a long prompt
-    is padded by less than the bucket of its last r tokens, not up to a whole chunk. Returns (tokens, positions,
-    valid) `[B, padded]` host arrays and the calls' lengths in order (they sum to `padded`; all but the first
-    equal `chunk`)."""
+    bucket of the longest row; None: that bucket): the rows are left-padded to one call of the length bucket of
+    the remainder r = longest mod chunk (capped at the chunk; none when r = 0) followed by whole chunks (1341
+    tokens, chunk 256: 64 + 5 × 256). Returns (tokens, positions, valid) `[B, padded]` host arrays and the calls'
+    lengths in order (they sum to `padded`)."""
     longest = max(max(len(r) for r in rows), 1)
     chunk = _bucket(longest) if prefill_chunk is None else min(prefill_chunk, _bucket(longest))
     full, rest = divmod(longest, chunk)
